@@ -1,0 +1,258 @@
+"""Settings: ``config/sync.toml`` (or ``--config`` / ``AMBERFLO_SYNC_CONFIG``), then the
+environment and a ``.env`` file. This is the only module that reads the environment.
+
+Precedence, highest first: environment variables, ``.env``, the TOML file, defaults. The API key
+comes only from the environment (``AMBERFLO_API_KEY``); a key written in the TOML file is refused,
+because config files get committed and mailed around. Relative paths in the TOML file are
+resolved from the file's own folder, so a config works from any working directory; relative paths
+from the environment are resolved from the working directory.
+
+Any other setting can be overridden from the environment as
+``AMBERFLO_SYNC_<SECTION>__<KEY>``, e.g. ``AMBERFLO_SYNC_STATE__DIR=/var/lib/amberflo-sync``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from sync.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("config/sync.toml")
+CONFIG_ENV_VAR = "AMBERFLO_SYNC_CONFIG"
+DEFAULT_BASE_URL = "https://app.amberflo.io"
+
+
+class _Section(BaseModel):
+    # A misspelt key in the TOML file must be an error, not a silently ignored line.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSettings(_Section):
+    """``[source]``: where the Engage snapshot is and how it is laid out."""
+
+    path: str
+    layout: Literal["wide", "long", "membership"] = "wide"
+    id_column: str = "user_id"
+    name_column: str | None = None
+    email_column: str | None = None
+    key_column: str = "name"
+    value_column: str = "value"
+    audiences: list[str] | None = None
+    traits: list[str] | None = None
+
+
+class StateSettings(_Section):
+    """``[state]``: the state store and how often a run checkpoints acknowledged users."""
+
+    dir: Path = Path(".amberflo-sync")
+    checkpoint_every: int = Field(default=5000, ge=1)
+    checkpoint_seconds: float = Field(default=5.0, gt=0)
+
+
+class AmberfloSettings(_Section):
+    """``[amberflo]``: how customers are written and how hard delivery tries."""
+
+    write_mode: Literal["merge", "replace"] = "merge"
+    concurrency: int = Field(default=8, ge=1, le=256)
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=10, ge=1)
+    retry_deadline_seconds: float = Field(default=300.0, gt=0)
+
+
+class SafetySettings(_Section):
+    """``[safety]``: guards against a truncated or empty snapshot."""
+
+    max_exit_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class ReportSettings(_Section):
+    """``[report]``: how many before -> after samples a report shows per category."""
+
+    samples: int = Field(default=20, ge=0, le=10_000)
+
+
+class EventsSettings(_Section):
+    """``[events]``: the drop folder the ``schedule`` command forwards, when set."""
+
+    path: str | None = None
+
+
+class AlertSettings(_Section):
+    """``[alerts]``: who is told when runs start failing, recover, or change volume jumps."""
+
+    webhook_url: str | None = None
+    command: str | None = None
+    max_failed_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    max_change_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
+
+
+class Settings(BaseSettings):
+    """Every setting of one invocation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AMBERFLO_SYNC_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+        frozen=True,
+    )
+
+    api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("AMBERFLO_API_KEY", "api_key")
+    )
+    base_url: str = Field(
+        default=DEFAULT_BASE_URL, validation_alias=AliasChoices("AMBERFLO_BASE_URL", "base_url")
+    )
+    ingest_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("AMBERFLO_INGEST_URL", "ingest_url")
+    )
+    source: SourceSettings | None = None
+    state: StateSettings = StateSettings()
+    amberflo: AmberfloSettings = AmberfloSettings()
+    keys: dict[str, str] = Field(default_factory=dict)
+    safety: SafetySettings = SafetySettings()
+    report: ReportSettings = ReportSettings()
+    events: EventsSettings = EventsSettings()
+    alerts: AlertSettings = AlertSettings()
+    config_file: Path | None = None
+
+    @field_validator("base_url", "ingest_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https:// (got {value!r})")
+        return value.rstrip("/") if value else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment must win over it.
+        return env_settings, dotenv_settings, init_settings
+
+    @property
+    def api_key_value(self) -> str:
+        """The API key; only the HTTP client should ask for it."""
+        if self.api_key is None:
+            raise ConfigError(
+                "AMBERFLO_API_KEY is not set: export it (or put it in a .env file) with the API "
+                "key from the Amberflo dashboard; a --dry-run needs none"
+            )
+        return self.api_key.get_secret_value()
+
+
+def config_file_from(cli_value: Path | None) -> Path | None:
+    """The config file this invocation uses: ``--config``, else ``AMBERFLO_SYNC_CONFIG``, else the
+    default ``config/sync.toml`` when it exists."""
+    if cli_value is not None:
+        return cli_value
+    from_env = os.environ.get(CONFIG_ENV_VAR)
+    if from_env:
+        return Path(from_env)
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+_PATH_KEYS: tuple[tuple[str, str], ...] = (("source", "path"), ("state", "dir"), ("events", "path"))
+
+
+def _read_toml(config_file: Path) -> dict[str, Any]:
+    try:
+        with config_file.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"config file {config_file} not found: pass --config FILE or set {CONFIG_ENV_VAR}"
+        ) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config_file}: not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {config_file} cannot be read: {exc}") from exc
+    for secret in ("api_key", "AMBERFLO_API_KEY"):
+        if secret in data:
+            raise ConfigError(
+                f"{config_file}: remove {secret!r}; the API key is read only from the "
+                "environment variable AMBERFLO_API_KEY"
+            )
+    base = config_file.resolve().parent
+    for section, key in _PATH_KEYS:
+        table = data.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str):
+            table[key] = str(_resolve(Path(table[key]), base))
+    data["config_file"] = str(config_file.resolve())
+    return data
+
+
+def _resolve(path: Path, base: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _describe(error: ValidationError, origin: str) -> str:
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown setting (check its spelling and section)"
+        lines.append(f"{origin}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    config_file: Path | None = None,
+    *,
+    require_api_key: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load the settings of one invocation; every problem is one clear :class:`ConfigError`.
+
+    ``config_file`` None means no file: defaults and environment only. ``overrides`` take the
+    place of TOML values (used by tests and by commands with their own flags).
+    """
+    data: dict[str, Any] = _read_toml(config_file) if config_file is not None else {}
+    for key, value in (overrides or {}).items():
+        data[key] = value
+    origin = str(config_file) if config_file is not None else "settings"
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from exc
+    settings = _absolute_paths(settings)
+    if require_api_key:
+        settings.api_key_value  # noqa: B018 - raises the ConfigError that explains the fix
+    return settings
+
+
+def _absolute_paths(settings: Settings) -> Settings:
+    """Paths that came from the environment are relative to the working directory."""
+    cwd = Path.cwd()
+    state = settings.state.model_copy(update={"dir": _resolve(settings.state.dir, cwd)})
+    update: dict[str, Any] = {"state": state}
+    if settings.source is not None:
+        source_path = str(_resolve(Path(settings.source.path), cwd))
+        update["source"] = settings.source.model_copy(update={"path": source_path})
+    if settings.events.path is not None:
+        events_path = str(_resolve(Path(settings.events.path), cwd))
+        update["events"] = settings.events.model_copy(update={"path": events_path})
+    return settings.model_copy(update=update)
