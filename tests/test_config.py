@@ -1,0 +1,84 @@
+"""Settings: TOML, environment and .env, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sync.config import load_settings
+from sync.errors import ConfigError
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_relative_paths_resolve_from_the_config_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config works from any working directory: its paths are relative to itself."""
+    config = write(tmp_path / "sync.toml", '[source]\npath = "data/x.csv"\n[state]\ndir = "st"\n')
+    monkeypatch.chdir("/")
+    settings = load_settings(config, require_api_key=False)
+    assert settings.source is not None
+    assert settings.source.path == str(tmp_path / "data" / "x.csv")
+    assert settings.state.dir == tmp_path / "st"
+
+
+def test_environment_wins_over_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AMBERFLO_* and AMBERFLO_SYNC_* variables override the TOML file."""
+    config = write(tmp_path / "sync.toml", "[amberflo]\nconcurrency = 3\n")
+    monkeypatch.setenv("AMBERFLO_BASE_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("AMBERFLO_SYNC_AMBERFLO__CONCURRENCY", "5")
+    monkeypatch.setenv("AMBERFLO_API_KEY", "k-123")
+    settings = load_settings(config)
+    assert settings.base_url == "http://127.0.0.1:9"
+    assert settings.amberflo.concurrency == 5
+    assert settings.api_key_value == "k-123"
+
+
+def test_a_misspelt_key_is_an_error_naming_it(tmp_path: Path) -> None:
+    """An unknown setting is refused with its section and name, not silently ignored."""
+    config = write(tmp_path / "sync.toml", '[source]\npath = "x"\nlayot = "wide"\n')
+    with pytest.raises(ConfigError, match=r"source\.layot: unknown setting"):
+        load_settings(config, require_api_key=False)
+
+
+def test_an_invalid_value_names_the_key(tmp_path: Path) -> None:
+    """A value outside the allowed set names the key and the allowed values."""
+    config = write(tmp_path / "sync.toml", '[source]\npath = "x"\nlayout = "tall"\n')
+    with pytest.raises(ConfigError, match=r"source\.layout: .*'wide', 'long' or 'membership'"):
+        load_settings(config, require_api_key=False)
+
+
+def test_an_api_key_in_the_file_is_refused(tmp_path: Path) -> None:
+    """The API key may come only from the environment."""
+    config = write(tmp_path / "sync.toml", 'api_key = "oops"\n')
+    with pytest.raises(ConfigError, match="AMBERFLO_API_KEY"):
+        load_settings(config, require_api_key=False)
+
+
+def test_a_missing_api_key_explains_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without AMBERFLO_API_KEY a sending command stops with the variable to set."""
+    monkeypatch.delenv("AMBERFLO_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="AMBERFLO_API_KEY is not set"):
+        load_settings(None)
+
+
+def test_a_missing_or_broken_file_is_a_config_error(tmp_path: Path) -> None:
+    """A config file that is absent or not TOML gives one message naming it."""
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.toml", require_api_key=False)
+    broken = write(tmp_path / "broken.toml", "[source\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(broken, require_api_key=False)
+
+
+def test_the_api_key_is_hidden_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Printing the settings never shows the key."""
+    monkeypatch.setenv("AMBERFLO_API_KEY", "very-secret-key")
+    settings = load_settings(None)
+    assert "very-secret-key" not in repr(settings)
+    assert "very-secret-key" not in str(settings.model_dump())
