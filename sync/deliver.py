@@ -1,0 +1,544 @@
+"""Delivery to Amberflo: retry policy, customer upserts, meter-record batches, outcome accounting.
+
+Everything here sits on :class:`~sync.amberflo.AmberfloClient` and turns its errors into one
+:class:`~sync.model.Outcome` per item:
+
+* :class:`~sync.errors.RetriableError` (429, 5xx, transport) is retried under a
+  :class:`RetryPolicy`; when the policy gives up, the item fails with the last reason.
+* :class:`~sync.errors.PermanentError` (other 4xx) fails the item at once. A meter batch answered
+  400 is split in halves until the bad records are isolated, so one bad record does not sink the
+  rest of its batch.
+* :class:`~sync.errors.AuthError` is fatal: no new work starts, in-flight work finishes and is
+  reported, then the error propagates.
+
+Work runs on a thread pool with a bounded number of items in flight, so a million-record input
+never becomes a million futures. ``on_outcome`` callbacks always run on the thread that called
+``deliver_*``, in completion order, so a caller can checkpoint or draw a progress bar without
+locks. Setting ``stop`` starts no new item, lets in-flight ones finish and reports
+``interrupted=True``.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import stamina
+import structlog
+
+from sync.amberflo import AmberfloClient, encode_json
+from sync.errors import DeliveryError, PermanentError, RetriableError
+from sync.model import CustomerRecord, DeliverySummary, Outcome, WriteMode
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "CustomerWriter",
+    "RetryPolicy",
+    "deliver_customers",
+    "deliver_meter_records",
+]
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+U = TypeVar("U")
+R = TypeVar("R")
+
+# Customer fields Amberflo stores besides id, name, email and traits. PUT replaces the whole
+# customer, so merge mode carries these over or the PUT would erase them.
+_KEPT_FIELDS = ("enabled", "lifecycleStage", "description", "test", "address")
+# Statuses where a smaller batch can succeed: a bad record (400) or a body too large (413).
+_SPLIT_STATUSES = frozenset({400, 413})
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When and how long to retry a retriable failure.
+
+    ``attempts`` counts every try, the first included; ``deadline`` (seconds from the first try)
+    stops retrying even with attempts left. The wait before retry ``n`` is
+    ``min(wait_max, wait_initial * 2 ** (n - 1) + uniform(0, jitter))``: with the defaults
+    0.5 s, 1 s, 2 s ... capped at 30 s, so tries keep coming well past the 20 s Amberflo asks
+    for. A ``Retry-After`` from Amberflo replaces the computed wait, capped at ``wait_max`` so a
+    server cannot park the job; a retry whose wait would end past the deadline is not made.
+    """
+
+    attempts: int = 10
+    deadline: float = 300.0
+    wait_initial: float = 0.5
+    wait_max: float = 30.0
+    jitter: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"RetryPolicy.attempts must be at least 1, got {self.attempts}")
+        if self.deadline <= 0:
+            raise ValueError(f"RetryPolicy.deadline must be positive, got {self.deadline}")
+        if min(self.wait_initial, self.wait_max, self.jitter) < 0:
+            raise ValueError("RetryPolicy waits (wait_initial, wait_max, jitter) must be >= 0")
+
+    def wait_before_retry(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait after failed try number ``attempt`` (1-based) before the next one."""
+        if retry_after is not None:
+            return min(max(0.0, retry_after), self.wait_max)
+        # Jitter spreads the retries of concurrent workers; it is not security-relevant.
+        jitter = random.uniform(0.0, self.jitter) if self.jitter else 0.0  # noqa: S311
+        try:
+            backoff = self.wait_initial * 2.0 ** (attempt - 1)
+        except OverflowError:
+            return self.wait_max
+        return min(self.wait_max, backoff + jitter)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Call ``fn`` until it succeeds or this policy gives up; then its last error propagates.
+
+        Only :class:`~sync.errors.RetriableError` is retried. Runs on ``stamina``, so
+        ``stamina.set_testing(True)`` makes every wait zero in tests.
+        """
+        decide = _RetryDecision(self)
+        for attempt in stamina.retry_context(
+            on=decide,
+            attempts=self.attempts,
+            timeout=self.deadline,
+            # The decision hook always returns the wait itself; these only satisfy the signature.
+            wait_initial=0.0,
+            wait_max=self.wait_max,
+            wait_jitter=0.0,
+        ):
+            with attempt:
+                return fn()
+        raise AssertionError("stamina.retry_context ended without a result or an error")
+
+
+DEFAULT_POLICY = RetryPolicy()
+
+
+class _RetryDecision:
+    """stamina backoff hook for one call: retry or not, and how long to wait.
+
+    The hook makes the whole decision (error kind, attempts, deadline) rather than leaving the
+    stop rule to stamina, so the ``retrying`` event is logged only when a retry really follows,
+    with the wait really used.
+    """
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._policy = policy
+        self._failures = 0
+        self._started = time.monotonic()
+
+    def __call__(self, exc: Exception) -> bool | float:
+        self._failures += 1
+        if not isinstance(exc, RetriableError):
+            return False
+        wait_s = self._policy.wait_before_retry(self._failures, exc.retry_after)
+        elapsed = time.monotonic() - self._started
+        if self._failures >= self._policy.attempts or elapsed + wait_s > self._policy.deadline:
+            return False
+        log.warning(
+            "retrying",
+            endpoint=exc.endpoint,
+            status=exc.status,
+            attempt=self._failures,
+            wait=round(wait_s, 3),
+            retry_after=exc.retry_after,
+            reason=str(exc),
+        )
+        return wait_s
+
+
+# -- customers ------------------------------------------------------------------------------
+
+
+class CustomerWriter:
+    """Upserts one customer at a time in the configured write mode.
+
+    ``merge`` (default) reads the customer and writes it back with our traits merged in, keeping
+    everything this job does not manage; ``replace`` PUTs our fields alone. Safe to share between
+    threads: it holds no per-call state.
+    """
+
+    def __init__(
+        self,
+        client: AmberfloClient,
+        *,
+        mode: WriteMode = "merge",
+        policy: RetryPolicy = DEFAULT_POLICY,
+    ) -> None:
+        if mode not in ("merge", "replace"):
+            raise ValueError(f"write mode must be 'merge' or 'replace', got {mode!r}")
+        self._client = client
+        self._mode = mode
+        self._policy = policy
+
+    def upsert(self, record: CustomerRecord) -> Outcome:
+        """Make Amberflo hold ``record``; the outcome says whether it does.
+
+        :class:`~sync.errors.AuthError` propagates; every other delivery failure becomes
+        ``Outcome(ok=False)``. A customer that already matches is not written and counts as
+        delivered (``reason="unchanged"``).
+        """
+        try:
+            written = self._merge(record) if self._mode == "merge" else self._replace(record)
+        except DeliveryError as exc:
+            log.warning(
+                "customer_failed",
+                customer_id=record.customer_id,
+                endpoint=exc.endpoint,
+                status=exc.status,
+                reason=str(exc),
+            )
+            return Outcome(ref=record.customer_id, ok=False, status=exc.status, reason=str(exc))
+        if not written:
+            return Outcome(ref=record.customer_id, ok=True, reason="unchanged")
+        return Outcome(ref=record.customer_id, ok=True, status=200)
+
+    def _merge(self, record: CustomerRecord) -> bool:
+        existing = self._get(record.customer_id)
+        if existing is None:
+            try:
+                self._policy.call(lambda: self._client.create_customer(new_customer(record)))
+            except PermanentError as exc:
+                if not _already_exists(exc):
+                    raise
+                # Created between our GET and POST, or by our own POST whose answer was lost.
+                existing = self._get(record.customer_id)
+                if existing is None:
+                    raise
+            else:
+                return True
+        body = merged_customer(existing, record)
+        if body == _writable_view(existing):
+            return False
+        self._policy.call(lambda: self._client.replace_customer(body))
+        return True
+
+    def _replace(self, record: CustomerRecord) -> bool:
+        body = new_customer(record)
+        try:
+            self._policy.call(lambda: self._client.replace_customer(body))
+        except PermanentError as exc:
+            if exc.status != 404:
+                raise
+        else:
+            return True
+        try:
+            self._policy.call(lambda: self._client.create_customer(body))
+        except PermanentError as exc:
+            if not _already_exists(exc):
+                raise
+            # Someone created it between our PUT and POST: the PUT now finds it.
+            self._policy.call(lambda: self._client.replace_customer(body))
+        return True
+
+    def _get(self, customer_id: str) -> dict[str, Any] | None:
+        return self._policy.call(lambda: self._client.get_customer(customer_id))
+
+
+def new_customer(record: CustomerRecord) -> dict[str, Any]:
+    """The body that creates ``record`` (or replaces it in ``replace`` mode): our fields alone."""
+    body: dict[str, Any] = {
+        "customerId": record.customer_id,
+        "customerName": record.name or record.customer_id,
+    }
+    if record.email:
+        body["customerEmail"] = record.email
+    body["traits"] = dict(record.traits)
+    return body
+
+
+def merged_customer(existing: Mapping[str, Any], record: CustomerRecord) -> dict[str, Any]:
+    """The full customer to PUT in merge mode: ``existing`` with ``record`` applied.
+
+    Traits: the existing ones minus ``record.removed_traits``, then ``record.traits`` over them,
+    so traits this job does not manage (``stripeId``...) survive. Name: ours, else the existing
+    one, else the id. Email: ours, else the existing one. Other writable fields are carried over
+    because PUT replaces the whole customer.
+    """
+    body: dict[str, Any] = {
+        "customerId": record.customer_id,
+        "customerName": record.name or existing.get("customerName") or record.customer_id,
+    }
+    email = record.email or existing.get("customerEmail")
+    if email:
+        body["customerEmail"] = email
+    for field in _KEPT_FIELDS:
+        if existing.get(field) is not None:
+            body[field] = existing[field]
+    traits = {
+        key: value
+        for key, value in (existing.get("traits") or {}).items()
+        if key not in record.removed_traits
+    }
+    traits.update(record.traits)
+    body["traits"] = traits
+    return body
+
+
+def _writable_view(existing: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``existing`` holds of the fields a PUT writes, shaped like :func:`merged_customer`."""
+    view: dict[str, Any] = {
+        "customerId": existing.get("customerId"),
+        "customerName": existing.get("customerName"),
+    }
+    if existing.get("customerEmail"):
+        view["customerEmail"] = existing["customerEmail"]
+    for field in _KEPT_FIELDS:
+        if existing.get(field) is not None:
+            view[field] = existing[field]
+    view["traits"] = dict(existing.get("traits") or {})
+    return view
+
+
+def _already_exists(exc: PermanentError) -> bool:
+    return exc.status in (400, 409) and "exist" in str(exc).lower()
+
+
+def deliver_customers(
+    writer: CustomerWriter,
+    records: Iterable[CustomerRecord],
+    *,
+    concurrency: int = 8,
+    on_outcome: Callable[[CustomerRecord, Outcome], None],
+    stop: threading.Event | None = None,
+) -> DeliverySummary:
+    """Upsert every record with up to ``concurrency`` in flight; one outcome per record.
+
+    ``on_outcome`` runs on the calling thread. :class:`~sync.errors.AuthError` propagates after
+    in-flight upserts finish and are reported.
+    """
+    counts = _Counts()
+
+    def report(result: tuple[CustomerRecord, Outcome]) -> None:
+        record, outcome = result
+        counts.add(outcome)
+        on_outcome(record, outcome)
+
+    interrupted = _pump(
+        records,
+        lambda record: (record, writer.upsert(record)),
+        concurrency=concurrency,
+        stop=stop,
+        report=report,
+    )
+    summary = counts.summary(interrupted)
+    log.info(
+        "customers_delivered",
+        delivered=summary.delivered,
+        failed=summary.failed,
+        interrupted=interrupted,
+    )
+    return summary
+
+
+# -- meter records --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Records that go in one ingest request, with their caller references."""
+
+    items: tuple[tuple[str, Mapping[str, Any]], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Rejected:
+    """A record refused before sending (too large, not serializable)."""
+
+    ref: str
+    reason: str
+
+
+def deliver_meter_records(
+    client: AmberfloClient,
+    records: Iterable[tuple[str, Mapping[str, Any]]],
+    *,
+    batch_size: int = 100,
+    max_batch_bytes: int = 1_000_000,
+    max_record_bytes: int = 100_000,
+    concurrency: int = 4,
+    policy: RetryPolicy = DEFAULT_POLICY,
+    on_outcome: Callable[[str, Outcome], None],
+    stop: threading.Event | None = None,
+) -> DeliverySummary:
+    """Ingest ``(ref, record)`` pairs in batches; one outcome per ref, on the calling thread.
+
+    Batches hold at most ``batch_size`` records and ``max_batch_bytes`` of serialized JSON
+    array; a record over ``max_record_bytes`` fails alone without being sent.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if max_record_bytes + 2 > max_batch_bytes:
+        raise ValueError("max_record_bytes must leave room for the array brackets in a batch")
+    counts = _Counts()
+
+    def work(unit: _Batch | _Rejected) -> list[tuple[str, Outcome]]:
+        if isinstance(unit, _Rejected):
+            return [(unit.ref, Outcome(ref=unit.ref, ok=False, reason=unit.reason))]
+        return _send_batch(client, policy, list(unit.items))
+
+    def report(results: list[tuple[str, Outcome]]) -> None:
+        for ref, outcome in results:
+            counts.add(outcome)
+            on_outcome(ref, outcome)
+
+    units = _batches(
+        records,
+        batch_size=batch_size,
+        max_batch_bytes=max_batch_bytes,
+        max_record_bytes=max_record_bytes,
+    )
+    interrupted = _pump(units, work, concurrency=concurrency, stop=stop, report=report)
+    summary = counts.summary(interrupted)
+    log.info(
+        "meter_records_delivered",
+        delivered=summary.delivered,
+        failed=summary.failed,
+        interrupted=interrupted,
+    )
+    return summary
+
+
+def _batches(
+    records: Iterable[tuple[str, Mapping[str, Any]]],
+    *,
+    batch_size: int,
+    max_batch_bytes: int,
+    max_record_bytes: int,
+) -> Iterator[_Batch | _Rejected]:
+    """Group records by count and by the byte size of the JSON array they make."""
+    items: list[tuple[str, Mapping[str, Any]]] = []
+    size = 2  # the brackets of the JSON array
+    for ref, record in records:
+        try:
+            record_bytes = len(encode_json(record))
+        except (TypeError, ValueError) as exc:
+            yield _Rejected(ref, f"the record cannot be serialized as JSON: {exc}")
+            continue
+        if record_bytes > max_record_bytes:
+            yield _Rejected(
+                ref,
+                f"the record is {record_bytes} bytes as JSON, over the limit of "
+                f"{max_record_bytes} bytes for one record",
+            )
+            continue
+        added = record_bytes + (1 if items else 0)  # a comma between records
+        if items and (len(items) >= batch_size or size + added > max_batch_bytes):
+            yield _Batch(tuple(items))
+            items, size, added = [], 2, record_bytes
+        items.append((ref, record))
+        size += added
+    if items:
+        yield _Batch(tuple(items))
+
+
+def _send_batch(
+    client: AmberfloClient, policy: RetryPolicy, items: list[tuple[str, Mapping[str, Any]]]
+) -> list[tuple[str, Outcome]]:
+    """Send one batch; on a 400 split it in halves until the bad records stand alone."""
+    try:
+        policy.call(lambda: client.ingest([record for _, record in items]))
+    except PermanentError as exc:
+        if exc.status in _SPLIT_STATUSES and len(items) > 1:
+            middle = len(items) // 2
+            log.info("batch_split", records=len(items), status=exc.status)
+            return _send_batch(client, policy, items[:middle]) + _send_batch(
+                client, policy, items[middle:]
+            )
+        return _failed(items, exc)
+    except RetriableError as exc:
+        return _failed(items, exc)
+    return [(ref, Outcome(ref=ref, ok=True, status=200)) for ref, _ in items]
+
+
+def _failed(
+    items: list[tuple[str, Mapping[str, Any]]], exc: DeliveryError
+) -> list[tuple[str, Outcome]]:
+    log.warning(
+        "batch_failed",
+        records=len(items),
+        first_ref=items[0][0],
+        endpoint=exc.endpoint,
+        status=exc.status,
+        reason=str(exc),
+    )
+    return [
+        (ref, Outcome(ref=ref, ok=False, status=exc.status, reason=str(exc))) for ref, _ in items
+    ]
+
+
+# -- shared machinery -----------------------------------------------------------------------
+
+
+class _Counts:
+    """Delivered and failed items, counted on the calling thread only."""
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.failed = 0
+
+    def add(self, outcome: Outcome) -> None:
+        if outcome.ok:
+            self.delivered += 1
+        else:
+            self.failed += 1
+
+    def summary(self, interrupted: bool) -> DeliverySummary:
+        return DeliverySummary(
+            delivered=self.delivered, failed=self.failed, interrupted=interrupted
+        )
+
+
+def _pump(
+    units: Iterable[U],
+    work: Callable[[U], R],
+    *,
+    concurrency: int,
+    stop: threading.Event | None,
+    report: Callable[[R], None],
+) -> bool:
+    """Run ``work`` over ``units`` with at most ``concurrency`` in flight; True when stopped.
+
+    ``report`` runs on this thread for each result. If a unit raises (AuthError, or a bug), no
+    new unit starts, the ones in flight finish and are reported, then the first error is raised.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    iterator = iter(units)
+    pending: set[Future[R]] = set()
+    error: Exception | None = None
+    interrupted = False
+    exhausted = False
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="deliver") as pool:
+        while True:
+            while (
+                error is None and not exhausted and not interrupted and len(pending) < concurrency
+            ):
+                try:
+                    unit = next(iterator)
+                except StopIteration:
+                    exhausted = True
+                    break
+                # Checked after pulling, so a stop that arrives once everything has started
+                # is not reported as an interruption.
+                if stop is not None and stop.is_set():
+                    interrupted = True
+                else:
+                    pending.add(pool.submit(work, unit))
+            if not pending:
+                break
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    result = future.result()
+                except Exception as exc:  # noqa: BLE001 - re-raised once in-flight work is drained
+                    error = error or exc
+                else:
+                    report(result)
+    if error is not None:
+        raise error
+    return interrupted
