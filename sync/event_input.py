@@ -1,0 +1,425 @@
+"""Reading Segment messages from files, folders and standard input (an I/O adapter).
+
+Sources are paths: a file, a folder (read recursively, in sorted order, keeping the files named
+``*.json``, ``*.jsonl``, ``*.ndjson`` and the same with ``.gz``), or ``-`` for standard input.
+Each file's format is detected from its content, not its name:
+
+- gzip by its magic bytes;
+- NDJSON (one message a line, blank lines ignored) when the first line is a JSON value on its
+  own. NDJSON streams line by line, and a malformed line is reported and skipped;
+- otherwise JSON documents: a JSON array of messages (streamed item by item, never loaded
+  whole), a Segment batch envelope ``{"batch": [...], "context": {...}, "integrations":
+  {...}}``, or one pretty-printed message. A syntax error inside a document cannot be skipped
+  (nothing says where the next item starts), so it is reported once and the file ends there.
+
+An envelope's top-level ``context`` and ``integrations`` are merged into each item, the item's
+own values winning (Segment's batch API does the same). An envelope is read whole, because its
+``context`` may follow its ``batch``; Segment caps an envelope at 500 KB.
+
+Every message comes out as a :class:`RawEvent` that says where it was read. A line or item that
+is not a JSON object comes out with its ``error`` set: reading never stops for bad content, only
+for a path that cannot be read (:class:`~sync.errors.SourceError`, naming the path).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import sys
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import IO, Any, BinaryIO, Final, cast
+
+from sync.errors import SourceError
+
+__all__ = ["EVENT_SUFFIXES", "STDIN", "RawEvent", "read_events", "read_stream", "resolve_sources"]
+
+STDIN: Final = "-"
+STDIN_SOURCE: Final = "<stdin>"
+EVENT_SUFFIXES: Final = (".json", ".jsonl", ".ndjson")
+
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+_CHUNK: Final = 1 << 16
+_MAX_RAW_ON_ERROR: Final = 2000
+# How close to the end of the buffer a decode error must be to mean "read more" rather than
+# "malformed": JSON's longest token that can be cut mid-way without an open string is short.
+_TRUNCATION_MARGIN: Final = 16
+_DECODER: Final = json.JSONDecoder()
+
+
+@dataclass(frozen=True, slots=True)
+class RawEvent:
+    """One message as read: where from, its text, and either the decoded object or an error.
+
+    ``line`` is the 1-based line where the message starts (for an envelope's items: where the
+    envelope starts). ``raw`` is the line or item text as read; an envelope's item is given
+    with the envelope's context merged in, so a dead letter can be replayed on its own.
+    """
+
+    source: str
+    line: int
+    raw: str
+    message: dict[str, Any] | None
+    error: str | None = None
+
+
+def resolve_sources(sources: Sequence[str]) -> list[str]:
+    """Expand folders into their event files and check that every path exists.
+
+    Done before anything is read, so a mistyped second path fails the run before the first
+    file is sent.
+    """
+    resolved: list[str] = []
+    for source in sources:
+        if source == STDIN:
+            resolved.append(STDIN)
+            continue
+        path = Path(source)
+        if path.is_dir():
+            resolved.extend(str(found) for found in _event_files(path))
+        elif path.is_file():
+            resolved.append(source)
+        else:
+            raise SourceError(
+                f"event source {source} does not exist (give a file, a folder or - for stdin)"
+            )
+    return resolved
+
+
+def read_events(sources: Sequence[str], *, stdin: BinaryIO | None = None) -> Iterator[RawEvent]:
+    """Every message of ``sources``, in order; paths are checked at once (``SourceError``)."""
+    return _read_all(resolve_sources(sources), stdin)
+
+
+def read_stream(stream: BinaryIO, source: str) -> Iterator[RawEvent]:
+    """Every message of one binary stream (gzip or not), named ``source`` in the results.
+
+    The stream is left open: whoever opened it closes it.
+    """
+    buffered = (
+        stream
+        if isinstance(stream, io.BufferedReader)
+        else io.BufferedReader(cast(io.RawIOBase, stream))
+    )
+    gunzipped = (
+        gzip.GzipFile(fileobj=buffered, mode="rb") if buffered.peek(2)[:2] == _GZIP_MAGIC else None
+    )
+    text = io.TextIOWrapper(
+        cast(IO[bytes], gunzipped or buffered),
+        encoding="utf-8-sig",
+        # Bad bytes are kept as lone surrogates, so one bad line is reported, not the file.
+        errors="surrogateescape",
+    )
+    try:
+        yield from _read_text(source, text)
+    finally:
+        # Detach rather than close: closing the wrappers would close the caller's stream.
+        text.detach()
+        if gunzipped is not None:
+            gunzipped.close()  # a GzipFile given a fileobj never closes that fileobj
+        if buffered is not stream:
+            buffered.detach()
+
+
+def _read_text(source: str, text: IO[str]) -> Iterator[RawEvent]:
+    lines = enumerate(text, start=1)
+    first = next(((number, line) for number, line in lines if line.strip()), None)
+    if first is None:
+        return
+    number, line = first
+    if _starts_document(line):
+        yield from _read_documents(source, _Scanner(line, text, number), lines)
+    else:
+        yield from _read_lines(source, chain([(number, line)], lines))
+
+
+def _read_all(paths: Iterable[str], stdin: BinaryIO | None) -> Iterator[RawEvent]:
+    for path in paths:
+        if path == STDIN:
+            stream = stdin if stdin is not None else sys.stdin.buffer
+            yield from _guarded(STDIN_SOURCE, stream)
+            continue
+        try:
+            with Path(path).open("rb") as handle:
+                yield from _guarded(path, handle)
+        except OSError as exc:  # opening failed; read errors are mapped by _guarded
+            raise SourceError(f"event source {path} cannot be read: {exc.strerror}") from exc
+
+
+def _guarded(source: str, stream: BinaryIO) -> Iterator[RawEvent]:
+    """Map I/O failures while reading (a truncated gzip, a disk error) to ``SourceError``."""
+    try:
+        yield from read_stream(stream, source)
+    except (OSError, EOFError, zlib.error) as exc:
+        # gzip.BadGzipFile is an OSError; EOFError is a gzip stream cut short.
+        raise SourceError(
+            f"event source {source} cannot be read: {exc} (is it a complete gzip or text file?)"
+        ) from exc
+
+
+def _event_files(folder: Path) -> list[Path]:
+    def wanted(path: Path) -> bool:
+        name = path.name.lower().removesuffix(".gz")
+        return path.is_file() and name.endswith(EVENT_SUFFIXES) and not path.name.startswith(".")
+
+    return sorted((path for path in folder.rglob("*") if wanted(path)), key=lambda p: p.as_posix())
+
+
+def _starts_document(first_line: str) -> bool:
+    """True when the first non-blank line opens a JSON document rather than an NDJSON line.
+
+    An array always does. An object does when its line alone is valid JSON cut short at the
+    end of the line (a pretty-printed ``{``); a line broken in the middle is a bad NDJSON line.
+    """
+    text = first_line.strip()
+    if text.startswith("["):
+        return True
+    if not text.startswith("{"):
+        return False
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        return exc.pos >= len(text)
+    return False
+
+
+def _read_lines(source: str, lines: Iterable[tuple[int, str]]) -> Iterator[RawEvent]:
+    for number, line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            yield RawEvent(source, number, raw, None, "line is not valid UTF-8")
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield RawEvent(
+                source, number, text, None, f"invalid JSON: {exc.msg} (column {exc.colno})"
+            )
+            continue
+        yield from _messages(source, number, text, value)
+
+
+def _messages(source: str, line: int, raw: str, value: object) -> Iterator[RawEvent]:
+    """The messages in one decoded value: an object, an envelope, or an array of objects."""
+    if isinstance(value, dict):
+        batch = value.get("batch")
+        if isinstance(batch, list):
+            yield from _envelope(source, line, value, batch)
+        else:
+            yield RawEvent(source, line, raw, value)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _item(source, line, item)
+    else:
+        yield RawEvent(source, line, raw, None, f"expected a JSON object, got {_kind(value)}")
+
+
+def _envelope(
+    source: str, line: int, envelope: Mapping[str, Any], batch: list[Any]
+) -> Iterator[RawEvent]:
+    shared = {key: envelope[key] for key in ("context", "integrations") if key in envelope}
+    for item in batch:
+        yield from _item(source, line, _merge(shared, item) if isinstance(item, dict) else item)
+
+
+def _item(source: str, line: int, item: object) -> Iterator[RawEvent]:
+    raw = json.dumps(item, separators=(",", ":"), ensure_ascii=False)
+    if isinstance(item, dict):
+        yield RawEvent(source, line, raw, item)
+    else:
+        yield RawEvent(source, line, raw, None, f"expected a JSON object, got {_kind(item)}")
+
+
+def _merge(shared: Mapping[str, Any], item: Mapping[str, Any]) -> dict[str, Any]:
+    """``item`` over ``shared``, nested objects merged key by key (the item wins); the item's
+    keys keep their order and the shared ones it lacks follow."""
+    merged: dict[str, Any] = {}
+    for key, value in item.items():
+        base = shared.get(key)
+        if isinstance(value, Mapping) and isinstance(base, Mapping):
+            merged[key] = _merge(base, value)
+        else:
+            merged[key] = value
+    for key, value in shared.items():
+        merged.setdefault(key, value)
+    return merged
+
+
+def _read_documents(
+    source: str, scanner: _Scanner, lines: Iterator[tuple[int, str]]
+) -> Iterator[RawEvent]:
+    first = True
+    try:
+        while (char := scanner.peek()) is not None:
+            if char == "[":
+                for line, raw, value in scanner.array_items():
+                    yield from _item_or_error(source, line, raw, value)
+            else:
+                try:
+                    line, raw, value = scanner.value()
+                except _MalformedJSONError:
+                    if not first:
+                        raise
+                    # The first "document" did not parse: it was NDJSON whose first line is
+                    # broken. Read everything again line by line, from the buffered text on.
+                    yield from _read_lines(source, scanner.lines_from_cursor(lines))
+                    return
+                yield from _messages(source, line, raw.strip(), value)
+            first = False
+    except _MalformedJSONError as exc:
+        error = f"invalid JSON: {exc.message} (line {exc.line}); the rest of this file was not read"
+        yield RawEvent(source, exc.line, exc.raw, None, error)
+
+
+def _item_or_error(source: str, line: int, raw: str, value: object) -> Iterator[RawEvent]:
+    if isinstance(value, dict):
+        yield from _messages(source, line, raw, value)
+    else:
+        yield RawEvent(source, line, raw, None, f"expected a JSON object, got {_kind(value)}")
+
+
+class _MalformedJSONError(Exception):
+    """A JSON document with a syntax error at ``line``."""
+
+    def __init__(self, message: str, line: int, raw: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = line
+        self.raw = raw
+
+
+class _Scanner:
+    """Decodes JSON values one at a time from a text stream, counting lines.
+
+    Only the text from the current value on is buffered, so a long array streams in constant
+    memory (bounded by the largest item).
+    """
+
+    def __init__(self, text: str, stream: IO[str], line: int) -> None:
+        self._buf = text
+        self._pos = 0
+        self._stream: IO[str] | None = stream
+        self._chunk = _CHUNK
+        self.line = line
+
+    def peek(self) -> str | None:
+        """Skip whitespace; the next character, or ``None`` at the end of the stream."""
+        while True:
+            buf, pos = self._buf, self._pos
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                if buf[pos] == "\n":
+                    self.line += 1
+                pos += 1
+            self._pos = pos
+            if pos < len(buf):
+                return buf[pos]
+            if not self._fill():
+                return None
+
+    def lines_from_cursor(self, rest: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+        """Numbered lines from the cursor on: the buffered text, then the rest of ``rest``.
+
+        Everything from the value being decoded on is still buffered (the scanner drops only
+        consumed text), so nothing read is lost when a caller switches to reading lines.
+        """
+        self.peek()
+        buffered = self._buf[self._pos :]
+        if not buffered.endswith("\n") and self._stream is not None:
+            buffered += self._stream.readline()
+        head = buffered.splitlines()
+        start = self.line
+        # ``rest`` counted only the lines it yielded itself; renumber what follows the buffer.
+        tail = ((start + len(head) + index, text) for index, (_, text) in enumerate(rest))
+        return chain(enumerate(head, start=start), tail)
+
+    def value(self) -> tuple[int, str, Any]:
+        """Decode the value at the cursor: (its first line, its text, the value)."""
+        self.peek()
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self._buf, self._pos)
+            except json.JSONDecodeError as exc:
+                if self._maybe_truncated(exc) and self._fill():
+                    continue
+                raise self._malformed(exc.msg, exc.pos) from exc
+            # A number that ends the buffer may go on in the next chunk.
+            if end == len(self._buf) and self._fill():
+                continue
+            break
+        self._chunk = _CHUNK
+        raw = self._buf[self._pos : end]
+        start = self.line
+        self.line += raw.count("\n")
+        self._pos = end
+        return start, raw, value
+
+    def array_items(self) -> Iterator[tuple[int, str, Any]]:
+        """Stream the items of the array at the cursor, consuming it whole."""
+        self._expect("[")
+        if self.peek() == "]":
+            self._pos += 1
+            return
+        while True:
+            yield self.value()
+            char = self.peek()
+            if char == ",":
+                self._pos += 1
+                self.peek()
+            elif char == "]":
+                self._pos += 1
+                return
+            else:
+                raise self._malformed("expected ',' or ']' after an array item", self._pos)
+
+    def _expect(self, char: str) -> None:
+        if self.peek() != char:
+            raise self._malformed(f"expected {char!r}", self._pos)
+        self._pos += 1
+
+    def _maybe_truncated(self, exc: json.JSONDecodeError) -> bool:
+        return exc.pos >= len(self._buf) - _TRUNCATION_MARGIN or exc.msg.startswith(
+            "Unterminated string"
+        )
+
+    def _fill(self) -> bool:
+        """Read more text, dropping what is consumed; False at the end of the stream."""
+        if self._stream is None:
+            return False
+        chunk = self._stream.read(self._chunk)
+        if not chunk:
+            self._stream = None
+            return False
+        self._buf = self._buf[self._pos :] + chunk
+        self._pos = 0
+        # Reads grow while one value spans many chunks (reset after each value), so a huge
+        # item costs O(n) and not O(n^2) re-decoding.
+        self._chunk = min(self._chunk * 2, 1 << 24)
+        return True
+
+    def _malformed(self, message: str, at: int) -> _MalformedJSONError:
+        line = self.line + self._buf.count("\n", self._pos, at)
+        line_start = self._buf.rfind("\n", 0, at) + 1
+        line_end = self._buf.find("\n", at)
+        raw = self._buf[line_start : line_end if line_end >= 0 else len(self._buf)]
+        return _MalformedJSONError(message, line, raw.strip()[:_MAX_RAW_ON_ERROR])
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else type(value).__name__

@@ -1,0 +1,230 @@
+"""Reading Segment messages from files, folders and stdin (sync.event_input)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from sync.errors import SourceError
+from sync.event_input import RawEvent, read_events
+
+
+def write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def good(events: list[RawEvent]) -> list[tuple[int, dict[str, object] | None]]:
+    return [(event.line, event.message) for event in events if event.error is None]
+
+
+def bad(events: list[RawEvent]) -> list[tuple[int, str]]:
+    return [(event.line, event.raw) for event in events if event.error is not None]
+
+
+def test_ndjson_lines_keep_their_numbers_and_blank_lines_are_ignored(tmp_path: Path) -> None:
+    """Each NDJSON line is one message numbered by its line; blank lines and CRLF are fine."""
+    path = write(tmp_path / "a.ndjson", '{"n": 1}\r\n\n   \n{"n": 2}\n')
+    events = list(read_events([path]))
+    assert events == [
+        RawEvent(path, 1, '{"n": 1}', {"n": 1}),
+        RawEvent(path, 4, '{"n": 2}', {"n": 2}),
+    ]
+
+
+def test_malformed_lines_are_kept_with_a_reason_and_reading_goes_on(tmp_path: Path) -> None:
+    """A line that is not JSON, or not an object, is yielded with its error; the rest follows."""
+    path = write(tmp_path / "a.jsonl", '{"n": 1}\n{"n": \n42\n"text"\n{"n": 2}\n')
+    events = list(read_events([path]))
+    assert good(events) == [(1, {"n": 1}), (5, {"n": 2})]
+    assert [(event.line, event.raw, event.error) for event in events if event.error] == [
+        (2, '{"n":', "invalid JSON: Expecting value (column 6)"),
+        (3, "42", "expected a JSON object, got a number"),
+        (4, '"text"', "expected a JSON object, got a string"),
+    ]
+
+
+def test_a_broken_first_line_does_not_hide_the_rest_of_the_file(tmp_path: Path) -> None:
+    """NDJSON whose first line is cut short is still read line by line after it."""
+    path = write(tmp_path / "a.ndjson", '{"n": 1, "cut": \n{"n": 2}\n\n{"n": 3}\n')
+    events = list(read_events([path]))
+    assert good(events) == [(2, {"n": 2}), (4, {"n": 3})]
+    assert bad(events) == [(1, '{"n": 1, "cut":')]
+
+
+def test_invalid_utf8_spoils_only_its_line(tmp_path: Path) -> None:
+    """A line with bytes that are not UTF-8 is reported; the other lines are read."""
+    path = tmp_path / "a.ndjson"
+    path.write_bytes(b'\xef\xbb\xbf{"n": 1}\n{"s": "\xff"}\n{"n": 2}\n')
+    events = list(read_events([str(path)]))
+    assert good(events) == [(1, {"n": 1}), (3, {"n": 2})]
+    assert [(event.line, event.error) for event in events if event.error] == [
+        (2, "line is not valid UTF-8")
+    ]
+
+
+def test_gzip_is_detected_by_content_not_by_name(tmp_path: Path) -> None:
+    """A gzipped file is read whatever its name; a plain one named .gz fails only if broken."""
+    zipped = tmp_path / "plain-name.ndjson"
+    zipped.write_bytes(gzip.compress(b'{"n": 1}\n{"n": 2}\n'))
+    events = list(read_events([str(zipped)]))
+    assert good(events) == [(1, {"n": 1}), (2, {"n": 2})]
+
+
+def test_a_truncated_gzip_is_a_source_error_naming_the_file(tmp_path: Path) -> None:
+    """A gzip stream cut short cannot be read: SourceError names the file."""
+    path = tmp_path / "cut.ndjson.gz"
+    compressed = gzip.compress(b'{"n": 1}\n' * 1000)
+    path.write_bytes(compressed[: len(compressed) // 2])
+    with pytest.raises(SourceError, match=r"cut\.ndjson\.gz"):
+        list(read_events([str(path)]))
+
+
+def test_a_json_array_yields_its_items_with_their_lines(tmp_path: Path) -> None:
+    """A JSON array yields each item with the line it starts on; non-objects are errors."""
+    text = '\n[\n  {"n": 1,\n   "m": 2},\n  {"n": 3}, 7,\n  []\n]\n'
+    path = write(tmp_path / "a.json", text)
+    events = list(read_events([path]))
+    assert good(events) == [(3, {"n": 1, "m": 2}), (5, {"n": 3})]
+    assert [(event.line, event.error) for event in events if event.error] == [
+        (5, "expected a JSON object, got a number"),
+        (6, "expected a JSON object, got an array"),
+    ]
+    assert events[0].raw == '{"n": 1,\n   "m": 2}'
+
+
+def test_a_large_array_streams_across_read_chunks(tmp_path: Path) -> None:
+    """An array much larger than one read chunk, with an item larger than one chunk, is read
+    whole and in order, line numbers intact."""
+    items = [{"n": index, "pad": "x" * 50} for index in range(5000)]
+    items[2500]["pad"] = "y" * 200_000
+    text = "[\n" + ",\n".join(json.dumps(item) for item in items) + "\n]\n"
+    path = write(tmp_path / "big.json", text)
+    events = list(read_events([path]))
+    assert [event.message for event in events] == items
+    assert [event.line for event in events] == list(range(2, 5002))
+
+
+def test_a_syntax_error_in_an_array_is_reported_once_and_ends_the_file(tmp_path: Path) -> None:
+    """Items before a syntax error are read; the error is one event naming its line."""
+    path = write(tmp_path / "a.json", '[{"n": 1},\n {"n": oops},\n {"n": 3}]\n')
+    events = list(read_events([path]))
+    assert good(events) == [(1, {"n": 1})]
+    assert len(bad(events)) == 1
+    error = events[-1]
+    assert error.line == 2
+    assert error.raw == '{"n": oops},'
+    assert error.error is not None
+    assert "the rest of this file was not read" in error.error
+
+
+def test_a_batch_envelope_merges_context_and_integrations_into_items(tmp_path: Path) -> None:
+    """Top-level context and integrations reach each item; the item's own values win."""
+    envelope = {
+        "batch": [
+            {"type": "track", "context": {"ip": "1.2.3.4", "library": {"version": "2"}}},
+            {"type": "page", "integrations": {"Amberflo": True}},
+            "not an object",
+        ],
+        "context": {"library": {"name": "analytics-python", "version": "1"}, "locale": "en"},
+        "integrations": {"All": False},
+        "writeKey": "ignored",
+    }
+    path = write(tmp_path / "batch.json", json.dumps(envelope, indent=2))
+    events = list(read_events([path]))
+    assert good(events) == [
+        (
+            1,
+            {
+                "type": "track",
+                "context": {
+                    "ip": "1.2.3.4",
+                    "library": {"version": "2", "name": "analytics-python"},
+                    "locale": "en",
+                },
+                "integrations": {"All": False},
+            },
+        ),
+        (
+            1,
+            {
+                "type": "page",
+                "integrations": {"Amberflo": True, "All": False},
+                "context": envelope["context"],
+            },
+        ),
+    ]
+    assert events[2].error == "expected a JSON object, got a string"
+    replayable = json.loads(events[1].raw)
+    assert replayable == events[1].message
+
+
+def test_an_envelope_on_one_ndjson_line_is_expanded(tmp_path: Path) -> None:
+    """A one-line envelope inside NDJSON yields its items at that line."""
+    line = json.dumps({"batch": [{"n": 1}, {"n": 2}], "context": {"c": 1}})
+    path = write(tmp_path / "a.ndjson", '{"n": 0}\n' + line + "\n")
+    assert good(list(read_events([path]))) == [
+        (1, {"n": 0}),
+        (2, {"n": 1, "context": {"c": 1}}),
+        (2, {"n": 2, "context": {"c": 1}}),
+    ]
+
+
+def test_a_pretty_printed_message_is_one_message(tmp_path: Path) -> None:
+    """A single indented JSON object (and another after it) are read as messages."""
+    text = json.dumps({"type": "track", "n": 1}, indent=2) + "\n" + json.dumps({"n": 2}, indent=2)
+    path = write(tmp_path / "one.json", text)
+    assert good(list(read_events([path]))) == [(1, {"type": "track", "n": 1}), (5, {"n": 2})]
+
+
+def test_folders_are_read_recursively_in_sorted_order(tmp_path: Path) -> None:
+    """A folder yields its .json/.jsonl/.ndjson files (and .gz) recursively, sorted by path;
+    other and hidden files are ignored."""
+    write(tmp_path / "b" / "z.ndjson", '{"f": "b/z"}\n')
+    write(tmp_path / "a.json", '[{"f": "a"}]')
+    write(tmp_path / "c.jsonl", '{"f": "c"}\n')
+    (tmp_path / "b" / "y.ndjson.gz").write_bytes(gzip.compress(b'{"f": "b/y"}\n'))
+    write(tmp_path / "notes.txt", "not events")
+    write(tmp_path / ".hidden.json", '{"f": "hidden"}')
+    events = list(read_events([str(tmp_path)]))
+    assert [event.message for event in events] == [
+        {"f": "a"},
+        {"f": "b/y"},
+        {"f": "b/z"},
+        {"f": "c"},
+    ]
+    assert [Path(event.source).name for event in events] == [
+        "a.json",
+        "y.ndjson.gz",
+        "z.ndjson",
+        "c.jsonl",
+    ]
+
+
+def test_a_missing_path_fails_before_anything_is_read(tmp_path: Path) -> None:
+    """A path that does not exist raises SourceError naming it at call time."""
+    present = write(tmp_path / "a.ndjson", '{"n": 1}\n')
+    missing = str(tmp_path / "nope.ndjson")
+    with pytest.raises(SourceError, match=r"nope\.ndjson does not exist"):
+        read_events([present, missing])
+
+
+def test_stdin_is_read_for_dash_gzip_included() -> None:
+    """``-`` reads the given standard input, plain or gzipped, named <stdin>."""
+    stdin = io.BytesIO(gzip.compress(b'{"n": 1}\n{"n": 2}\n'))
+    events = list(read_events(["-"], stdin=stdin))
+    assert [(event.source, event.message) for event in events] == [
+        ("<stdin>", {"n": 1}),
+        ("<stdin>", {"n": 2}),
+    ]
+
+
+def test_an_empty_file_yields_nothing(tmp_path: Path) -> None:
+    """An empty or blank file is not an error; it has no messages."""
+    path = write(tmp_path / "empty.ndjson", "\n\n  \n")
+    assert list(read_events([path])) == []
