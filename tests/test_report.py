@@ -525,6 +525,53 @@ def test_terminal_prints_markup_in_names_as_text() -> None:
     assert "Managed keys new since the last run\nNone." in out
 
 
+def test_interrupted_run_without_exit_code_says_to_rerun(schema: dict[str, Any]) -> None:
+    """An interrupted run tells the reader to rerun, in every format, and shows no exit code."""
+    report = make_report(
+        mode="full",
+        delivery=DeliverySummary(delivered=10, failed=0, interrupted=True),
+        exit_code=None,
+    )
+    doc = json.loads(render_json(report))
+    validator(schema).validate(doc)
+    assert doc["exit_code"] is None
+    assert doc["delivery"]["interrupted"] is True
+    console = Console(record=True, width=100, color_system=None)
+    render_terminal(report, console)
+    terminal = console.export_text()
+    markdown = render_markdown(report)
+    html_text = " ".join(Page(render_html(report)).text)
+    for out in (terminal, markdown, html_text):
+        assert "The run was interrupted: rerun to send the rest" in out
+        assert "xit code" not in out
+    assert "amberflo-sync full run" in terminal
+
+
+def test_empty_string_is_shown_apart_from_absent() -> None:
+    """An empty name and an absent one read differently in Markdown and HTML."""
+    diff = make_diff(samples=(UserChange("u", "changed", {"name": ""}, {"name": None}),))
+    report = make_report(diff=diff)
+    rows = md_tables(render_markdown(report))["Samples: before -> after"]
+    assert rows[2] == ["`u`", "changed", "`name`", "*empty string*", "*absent*"]
+    html_rows = Page(render_html(report)).tables["samples"]
+    assert html_rows[1][3:] == ["empty string", "\N{RIGHTWARDS ARROW}", "absent"]
+
+
+def test_markdown_says_when_a_section_is_empty() -> None:
+    """Sections with nothing to show carry a sentence instead of an empty table."""
+    diff = make_diff(keys=(), invalid={}, new_keys=(), samples=())
+    text = render_markdown(make_report(diff=diff))
+    for heading, sentence in (
+        ("Audiences", "No audiences."),
+        ("Computed traits", "No computed traits."),
+        ("Managed keys new since the last run", "None."),
+        ("Samples: before -> after", "No changed users."),
+        ("Invalid rows", "No invalid rows."),
+    ):
+        assert f"## {heading}\n\n{sentence}\n" in text, heading
+    assert ["Invalid rows", "0"] in md_tables(text)["Summary"]
+
+
 # --------------------------------------------------------------------------- files and input
 
 
