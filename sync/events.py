@@ -140,8 +140,8 @@ def _identify(message: Mapping[str, Any]) -> Mapped:
     if traits is not None and not isinstance(traits, Mapping):
         return Rejected(f"identify traits is not an object but {_json_type(traits)}")
     traits = traits or {}
-    name = format_value(traits.get("name")) or None
-    email = format_value(traits.get("email")) or None
+    name = _text(traits.get("name"))
+    email = _text(traits.get("email"))
     rest = {key: value for key, value in traits.items() if key not in {"name", "email"}}
     customer = CustomerRecord(
         customer_id=user_id, name=name, email=email, traits=dict(_wire_pairs(rest))
@@ -172,9 +172,12 @@ def _meter(kind: str, message: Mapping[str, Any]) -> Mapped:
             # is worse than a dead letter the user can fix and replay.
             if isinstance(raw_value, bool) or not isinstance(raw_value, int | float):
                 return Rejected(f"track value is not a number: {_show(raw_value)}")
-            if not math.isfinite(raw_value):
+            try:
+                value = float(raw_value)
+            except OverflowError:  # an integer beyond a double's range
+                return Rejected(f"track value is too large: {_show(raw_value)}")
+            if not math.isfinite(value):
                 return Rejected(f"track value is not finite: {raw_value!r}")
-            value = float(raw_value)
         dimension_source = {k: v for k, v in properties.items() if k != "value"}
     else:
         meter = kind
@@ -228,6 +231,13 @@ def _id(value: object) -> str | None:
         text = str(value)
         return text if text.strip() else None
     return None
+
+
+def _text(value: object) -> str | None:
+    """A name or email as it goes (no dimension rule); blank means absent, as Amberflo
+    refuses a blank customerName."""
+    text = format_value(value)
+    return text if text is not None and text.strip() else None
 
 
 def _unique_id(message: Mapping[str, Any]) -> str:

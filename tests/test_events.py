@@ -285,6 +285,10 @@ OTHER_CASES = [
     pytest.param(
         msg(properties={"value": float("nan")}), Rejected("track value is not finite: nan")
     ),
+    pytest.param(
+        msg(properties={"value": 10**400}),
+        Rejected(f"track value is too large: {str(10**400)[:57]}..."),
+    ),
     pytest.param(msg(properties=["a"]), Rejected("track properties is not an object but an array")),
     pytest.param(msg(timestamp=...), Rejected("message has no timestamp")),
     pytest.param(
@@ -375,6 +379,12 @@ def test_identify_name_and_email_go_as_they_are() -> None:
     mapped = map_message(msg("identify", traits={"name": "Zoë / Ops", "email": "z+1@x.io"}))
     assert isinstance(mapped, IdentifyEvent)
     assert (mapped.customer.name, mapped.customer.email) == ("Zoë / Ops", "z+1@x.io")
+
+
+def test_identify_blank_name_and_email_count_as_absent() -> None:
+    """A blank traits.name or traits.email is left unset rather than sent blank."""
+    mapped = map_message(msg("identify", traits={"name": "  ", "email": ""}))
+    assert mapped == IdentifyEvent(CustomerRecord(customer_id="u-1"))
 
 
 def test_missing_message_id_gets_a_stable_derived_unique_id() -> None:
