@@ -295,7 +295,9 @@ def _writable_view(existing: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _already_exists(exc: PermanentError) -> bool:
-    return exc.status in (400, 409) and "exist" in str(exc).lower()
+    """Whether a POST failed because the customer exists (Amberflo's exact words are unknown)."""
+    message = str(exc).lower()
+    return exc.status in (400, 409) and "exist" in message and "not exist" not in message
 
 
 def deliver_customers(
