@@ -1,0 +1,487 @@
+"""One run of ``amberflo-sync events``: read, map, deliver, dead-letter, account.
+
+::
+
+    sources -> event_input (RawEvent) -> events.map_message -> window of up to 1000 messages
+            -> deliver_meter_records (page/screen/track) + deliver_customers (identify)
+            -> dead-letter file for what was malformed, rejected or refused by Amberflo
+
+Every message read ends in exactly one place, so ``read = sent + skipped + dead_lettered``:
+``sent`` (Amberflo acknowledged it), ``skipped`` (group, alias, ``integrations`` off; counted by
+reason) or ``dead_lettered`` (with its reason and raw text in ``dead-letter/<run_id>.jsonl``,
+ready to fix and replay). ``failed`` is the part of ``dead_lettered`` that Amberflo refused or
+that delivery gave up on.
+
+Messages go in windows so memory stays bounded whatever the input size, while each window is
+still delivered with the configured concurrency. Within a window, identify calls for the same
+user are folded into one upsert, applied in order, so two concurrent merges of one customer
+cannot overwrite each other.
+
+A dry run needs no API key, opens no connection and writes nothing under the state folder: it
+prints each record it would send as one JSON line (``{"ingest": {...}}`` or
+``{"customer": {...}}``) and then the counts (``{"dry_run": {...}}``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Final, Protocol, TextIO
+
+import structlog
+
+from sync.amberflo import AmberfloClient
+from sync.config import Settings
+from sync.deliver import CustomerWriter, RetryPolicy, deliver_customers, deliver_meter_records
+from sync.errors import EXIT_OK, EXIT_PARTIAL, SourceError, SyncError
+from sync.event_input import RawEvent, read_events
+from sync.events import IdentifyEvent, MeterEvent, Rejected, Skipped, map_message
+from sync.logs import bind_run
+from sync.model import CustomerRecord, Outcome, WriteMode
+from sync.state import StateStore
+
+__all__ = ["WINDOW", "EventsRunResult", "forward_events"]
+
+log = structlog.get_logger(__name__)
+
+WINDOW: Final = 1000
+"""Messages read and mapped before their records are delivered."""
+
+STOPPED_REASON: Final = "not sent: the run was stopped before this event was delivered"
+
+
+@dataclass(frozen=True, slots=True)
+class EventsRunResult:
+    """What one events run did. ``read == sent + skipped_total + dead_lettered``.
+
+    In a dry run ``sent`` counts the records that would have been sent.
+    """
+
+    run_id: str
+    read: int
+    sent: int
+    skipped: Mapping[str, int]
+    dead_lettered: int
+    failed: int
+    dead_letter_file: str | None
+    exit_code: int
+    dry_run: bool = False
+    interrupted: bool = False
+
+    @property
+    def skipped_total(self) -> int:
+        """Skipped messages, whatever the reason."""
+        return sum(self.skipped.values())
+
+    def counts(self) -> dict[str, Any]:
+        """The counts as one JSON-ready mapping (for logs, ``runs.jsonl`` and dry runs)."""
+        return {
+            "read": self.read,
+            "sent": self.sent,
+            "skipped": self.skipped_total,
+            "skipped_by_reason": dict(self.skipped),
+            "dead_lettered": self.dead_lettered,
+            "failed": self.failed,
+        }
+
+
+def forward_events(
+    settings: Settings,
+    sources: Sequence[str],
+    *,
+    dry_run: bool,
+    run_id: str,
+    out: TextIO | None,
+    stop: threading.Event | None = None,
+) -> EventsRunResult:
+    """Forward the Segment messages of ``sources`` (paths, folders or ``-``) to Amberflo.
+
+    Raises :class:`~sync.errors.SourceError` when a source cannot be read (paths are checked
+    before anything is sent), :class:`~sync.errors.ConfigError` when a real run has no API key,
+    and :class:`~sync.errors.AuthError` when Amberflo rejects the key. Setting ``stop`` ends the
+    run after the messages in flight: the rest of their window is dead-lettered as not sent and
+    no further message is read.
+    """
+    bind_run(run_id, command="events")
+    started = datetime.now(UTC)
+    if dry_run:
+        events = read_events(sources)
+        sink = _DryRun(out, settings.amberflo.write_mode)
+        result = _forward(events, sink, _LogOnlyDeadLetters(), run_id, dry_run=True, stop=stop)
+        sink.print_counts(result)
+        _log_finished(result)
+        return result
+
+    api_key = settings.api_key_value  # a ConfigError naming the fix before anything is read
+    store = StateStore(settings.state.dir)
+    try:
+        result = _send(settings, sources, api_key=api_key, store=store, run_id=run_id, stop=stop)
+    except SyncError as exc:
+        store.record_run(_run_entry(run_id, started, exc.exit_code, error=str(exc)))
+        raise
+    store.record_run(_run_entry(run_id, started, result.exit_code, result=result))
+    _log_finished(result)
+    return result
+
+
+def _send(
+    settings: Settings,
+    sources: Sequence[str],
+    *,
+    api_key: str,
+    store: StateStore,
+    run_id: str,
+    stop: threading.Event | None,
+) -> EventsRunResult:
+    events = read_events(sources)
+    policy = RetryPolicy(
+        attempts=settings.amberflo.max_attempts, deadline=settings.amberflo.retry_deadline_seconds
+    )
+    concurrency = settings.amberflo.concurrency
+    with (
+        AmberfloClient(
+            api_key=api_key,
+            base_url=settings.base_url,
+            ingest_url=settings.ingest_url,
+            timeout=settings.amberflo.timeout_seconds,
+            max_connections=concurrency,
+        ) as client,
+        store.run_log(run_id, "dead-letter") as dead_letters,
+    ):
+        sender = _Sender(
+            client,
+            CustomerWriter(client, mode=settings.amberflo.write_mode, policy=policy),
+            policy=policy,
+            concurrency=concurrency,
+            mode=settings.amberflo.write_mode,
+            stop=stop,
+        )
+        return _forward(events, sender, dead_letters, run_id, dry_run=False, stop=stop)
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+class _DeadLetters(Protocol):
+    """Where dead letters go: the run's JSONL log, or (dry run) nowhere but the log."""
+
+    @property
+    def count(self) -> int: ...
+
+    @property
+    def path(self) -> Any: ...
+
+    def write(self, obj: Mapping[str, Any]) -> None: ...
+
+
+class _LogOnlyDeadLetters:
+    """A dry run's dead letters: counted and logged, never written."""
+
+    path = None
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def write(self, obj: Mapping[str, Any]) -> None:
+        self.count += 1
+
+
+@dataclass(slots=True)
+class _Tally:
+    read: int = 0
+    sent: int = 0
+    failed: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(slots=True)
+class _Window:
+    """Mapped messages waiting for delivery; each record remembers the events it came from."""
+
+    meters: list[tuple[RawEvent, MeterEvent]] = field(default_factory=list)
+    customers: dict[str, tuple[CustomerRecord, list[RawEvent]]] = field(default_factory=dict)
+    size: int = 0
+
+
+class _Sink(Protocol):
+    """Delivers a window, calling ``delivered`` or ``failed`` once for each of its events."""
+
+    @property
+    def mode(self) -> WriteMode: ...
+
+    def deliver(
+        self,
+        window: _Window,
+        delivered: Callable[[RawEvent], None],
+        failed: Callable[[RawEvent, str], None],
+    ) -> None: ...
+
+
+def _forward(
+    events: Iterator[RawEvent],
+    sink: _Sink,
+    dead_letters: _DeadLetters,
+    run_id: str,
+    *,
+    dry_run: bool,
+    stop: threading.Event | None,
+) -> EventsRunResult:
+    tally = _Tally()
+
+    # A dry run writes no dead-letter file, so its log line must not claim one.
+    log_event = "event_rejected" if dry_run else "event_dead_lettered"
+
+    def dead_letter(event: RawEvent, reason: str) -> None:
+        log.warning(log_event, source=event.source, line=event.line, reason=reason)
+        dead_letters.write(
+            {"source": event.source, "line": event.line, "reason": reason, "raw": event.raw}
+        )
+
+    def delivered(event: RawEvent) -> None:
+        tally.sent += 1
+
+    def failed(event: RawEvent, reason: str) -> None:
+        tally.failed += 1
+        dead_letter(event, reason)
+
+    window = _Window()
+    source_error: SourceError | None = None
+    interrupted = False
+    try:
+        for event in events:
+            tally.read += 1
+            _take(event, window, tally, dead_letter, sink.mode)
+            if window.size >= WINDOW:
+                sink.deliver(window, delivered, failed)
+                window = _Window()
+            if stop is not None and stop.is_set():
+                interrupted = True
+                break
+    except SourceError as exc:
+        # Deliver what was read before the source broke, then fail the run.
+        source_error = exc
+    sink.deliver(window, delivered, failed)
+    if source_error is not None:
+        raise source_error
+
+    dead_lettered = dead_letters.count
+    path = dead_letters.path if dead_lettered else None
+    return EventsRunResult(
+        run_id=run_id,
+        read=tally.read,
+        sent=tally.sent,
+        skipped=dict(sorted(tally.skipped.items())),
+        dead_lettered=dead_lettered,
+        failed=tally.failed,
+        dead_letter_file=str(path) if path is not None else None,
+        exit_code=EXIT_PARTIAL if dead_lettered or interrupted else EXIT_OK,
+        dry_run=dry_run,
+        interrupted=interrupted,
+    )
+
+
+def _take(
+    event: RawEvent,
+    window: _Window,
+    tally: _Tally,
+    dead_letter: Callable[[RawEvent, str], None],
+    mode: WriteMode,
+) -> None:
+    """Route one event: dead letter, skip, or into the window."""
+    if event.error is not None:
+        dead_letter(event, event.error)
+        return
+    mapped = map_message(event.message)
+    if isinstance(mapped, Rejected):
+        dead_letter(event, mapped.reason)
+    elif isinstance(mapped, Skipped):
+        tally.skipped[mapped.reason] += 1
+    elif isinstance(mapped, MeterEvent):
+        window.meters.append((event, mapped))
+        window.size += 1
+    elif isinstance(mapped, IdentifyEvent):
+        record = mapped.customer
+        held = window.customers.get(record.customer_id)
+        if held is None:
+            window.customers[record.customer_id] = (record, [event])
+        else:
+            earlier, sources = held
+            sources.append(event)
+            window.customers[record.customer_id] = (_fold(earlier, record, mode), sources)
+        window.size += 1
+
+
+def _fold(earlier: CustomerRecord, later: CustomerRecord, mode: WriteMode) -> CustomerRecord:
+    """One upsert with the effect of upserting ``earlier`` then ``later``."""
+    if mode == "replace":
+        return later  # a replace writes the whole customer: the last one wins
+    return replace(
+        later,
+        name=later.name or earlier.name,
+        email=later.email or earlier.email,
+        traits={**earlier.traits, **later.traits},
+    )
+
+
+# -- sinks ----------------------------------------------------------------------------------
+
+
+class _Sender:
+    """Delivers a window to Amberflo: meter records in batches, then customer upserts."""
+
+    def __init__(
+        self,
+        client: AmberfloClient,
+        writer: CustomerWriter,
+        *,
+        policy: RetryPolicy,
+        concurrency: int,
+        mode: WriteMode,
+        stop: threading.Event | None,
+    ) -> None:
+        self._client = client
+        self._writer = writer
+        self._policy = policy
+        self._concurrency = concurrency
+        self._stop = stop
+        self.mode = mode
+
+    def deliver(
+        self,
+        window: _Window,
+        delivered: Callable[[RawEvent], None],
+        failed: Callable[[RawEvent, str], None],
+    ) -> None:
+        # Refs are positions in the window: unique even when two events share a messageId.
+        meter_events = {str(index): event for index, (event, _) in enumerate(window.meters)}
+
+        def on_meter(ref: str, outcome: Outcome) -> None:
+            _settle(meter_events.pop(ref), outcome, delivered, failed)
+
+        deliver_meter_records(
+            self._client,
+            ((str(index), meter.as_record()) for index, (_, meter) in enumerate(window.meters)),
+            concurrency=self._concurrency,
+            policy=self._policy,
+            on_outcome=on_meter,
+            stop=self._stop,
+        )
+        customer_events = dict(window.customers)
+
+        def on_customer(record: CustomerRecord, outcome: Outcome) -> None:
+            for event in customer_events.pop(record.customer_id)[1]:
+                _settle(event, outcome, delivered, failed)
+
+        deliver_customers(
+            self._writer,
+            (record for record, _ in window.customers.values()),
+            concurrency=self._concurrency,
+            on_outcome=on_customer,
+            stop=self._stop,
+        )
+        # Whatever a stop left unsent is dead-lettered, so every event read is accounted for.
+        for event in meter_events.values():
+            failed(event, STOPPED_REASON)
+        for _, events in customer_events.values():
+            for event in events:
+                failed(event, STOPPED_REASON)
+
+
+def _settle(
+    event: RawEvent,
+    outcome: Outcome,
+    delivered: Callable[[RawEvent], None],
+    failed: Callable[[RawEvent, str], None],
+) -> None:
+    if outcome.ok:
+        delivered(event)
+    else:
+        # The status says whether Amberflo answered (and how) or the record never left.
+        status = f" (HTTP {outcome.status})" if outcome.status is not None else ""
+        failed(event, f"not delivered{status}: {outcome.reason or 'no reason given'}")
+
+
+class _DryRun:
+    """Prints what a window would send, one JSON line a record, and counts it as sent."""
+
+    def __init__(self, out: TextIO | None, mode: WriteMode) -> None:
+        self._out = out
+        self.mode = mode
+
+    def deliver(
+        self,
+        window: _Window,
+        delivered: Callable[[RawEvent], None],
+        failed: Callable[[RawEvent, str], None],
+    ) -> None:
+        for event, meter in window.meters:
+            self._print({"ingest": meter.as_record()})
+            delivered(event)
+        for record, events in window.customers.values():
+            self._print({"customer": _customer_view(record)})
+            for event in events:
+                delivered(event)
+
+    def print_counts(self, result: EventsRunResult) -> None:
+        counts = result.counts()
+        counts["would_send"] = counts.pop("sent")
+        del counts["failed"]  # nothing was sent, so nothing failed
+        self._print({"dry_run": counts})
+
+    def _print(self, obj: Mapping[str, Any]) -> None:
+        if self._out is not None:
+            self._out.write(json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n")
+
+
+def _customer_view(record: CustomerRecord) -> dict[str, Any]:
+    """The fields an identify sets; merge mode keeps whatever else Amberflo holds."""
+    view: dict[str, Any] = {"customerId": record.customer_id}
+    if record.name:
+        view["customerName"] = record.name
+    if record.email:
+        view["customerEmail"] = record.email
+    view["traits"] = dict(record.traits)
+    return view
+
+
+# -- accounting -----------------------------------------------------------------------------
+
+
+def _run_entry(
+    run_id: str,
+    started: datetime,
+    exit_code: int,
+    *,
+    result: EventsRunResult | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "run_id": run_id,
+        "kind": "events",
+        "mode": "events",
+        "started_at": started.isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
+        "exit_code": exit_code,
+    }
+    if result is not None:
+        entry["interrupted"] = result.interrupted
+        entry["counts"] = result.counts()
+        entry["dead_letter_file"] = result.dead_letter_file
+    if error is not None:
+        entry["error"] = error
+    return entry
+
+
+def _log_finished(result: EventsRunResult) -> None:
+    log.info(
+        "events_run_finished",
+        dry_run=result.dry_run,
+        exit_code=result.exit_code,
+        interrupted=result.interrupted,
+        dead_letter_file=result.dead_letter_file,
+        **result.counts(),
+    )
