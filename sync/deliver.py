@@ -185,8 +185,9 @@ class CustomerWriter:
         try:
             written = self._merge(record) if self._mode == "merge" else self._replace(record)
         except DeliveryError as exc:
-            log.warning(
-                "customer_failed",
+            # The caller reports the outcome; this adds which request failed, for debugging.
+            log.debug(
+                "customer_upsert_failed",
                 customer_id=record.customer_id,
                 endpoint=exc.endpoint,
                 status=exc.status,
