@@ -365,6 +365,22 @@ def test_replace_posts_when_amberflo_says_the_customer_does_not_exist() -> None:
     }
 
 
+def test_replace_puts_again_when_its_post_races_a_creation(fake: FakeAmberflo) -> None:
+    """PUT 404, then POST "already exists" (created meanwhile): the second PUT wins."""
+    fake.customers["u1"] = dict(EXISTING)
+    fake.fail_next("PUT", "/customers", httpx.Response(404, json={"message": "not found"}))
+    fake.fail_next("POST", "/customers", httpx.Response(400, json={"message": "already exists"}))
+    record = CustomerRecord("u1", name="One", traits={"a": "1"})
+    with fake.client() as client:
+        assert CustomerWriter(client, mode="replace", policy=FAST).upsert(record).ok
+    assert fake.requests == [("PUT", "/customers"), ("POST", "/customers"), ("PUT", "/customers")]
+    assert fake.customers["u1"] == {
+        "customerId": "u1",
+        "customerName": "One",
+        "traits": {"a": "1"},
+    }
+
+
 def test_an_unknown_write_mode_is_refused(fake: FakeAmberflo) -> None:
     """Only merge and replace exist."""
     with fake.client() as client, pytest.raises(ValueError, match="write mode"):
