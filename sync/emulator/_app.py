@@ -1,7 +1,7 @@
 """The emulated API: a routing table and one small handler per route, free of any transport.
 
 ``App.decide`` draws a request's fault before anything else happens; ``App.respond`` then
-answers it (or returns ``None``: drop the connection). The server in ``_server.py`` only moves
+answers it (or returns ``None``: drop the connection). The server in ``_http.py`` only moves
 bytes and sleeps for injected latency. Paths match with or without a trailing slash, on any
 host. Routes under ``/_emulator/`` read and control the emulator: they need no API key, are
 never faulted, and are not counted in the stats or the request log.
@@ -254,8 +254,7 @@ class App:
         search = query.get("search") or None
         everyone = list(self.store.customers().values())
         found = [c for c in everyone if search is None or _matches(c, search)]
-        # Customers without the sort field go last (first when descending), never compared.
-        found.sort(key=lambda c: (c.get(sort) is None, c.get(sort) or ""), reverse=not ascending)
+        found.sort(key=_sort_key(sort), reverse=not ascending)
         start = (page - 1) * limit
         metadata = {
             "totalRowCount": len(everyone),
@@ -348,6 +347,16 @@ def _positive_int(query: Mapping[str, str], name: str, default: int) -> int:
     if value < 1:
         raise api_error(400, f"{name} must be an integer of 1 or more, got {text!r}")
     return value
+
+
+def _sort_key(field: str) -> Callable[[Mapping[str, Any]], tuple[bool, Any]]:
+    # Customers without the field sort after the others (before, descending); the flag comes
+    # first so a missing value is never compared with a present one.
+    def key(customer: Mapping[str, Any]) -> tuple[bool, Any]:
+        value = customer.get(field)
+        return (value is None, "" if value is None else value)
+
+    return key
 
 
 def _matches(customer: Mapping[str, Any], search: str) -> bool:

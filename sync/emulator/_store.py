@@ -126,7 +126,10 @@ class Store:
         ``status`` is ``None`` for a dropped connection; the stats count those as ``"drop"``.
         """
         with self._lock:
-            self._requests.setdefault(route, Counter())[str(status or "drop")] += 1
+            counts = self._requests.get(route)
+            if counts is None:
+                counts = self._requests[route] = Counter()
+            counts[str(status or "drop")] += 1
             self._log.append({"method": method, "path": path, "status": status})
 
     def requests(self) -> list[dict[str, Any]]:

@@ -125,7 +125,8 @@ def validate_record(index: int, raw: object) -> dict[str, Any]:
             )
         record[name] = value
     value = raw.get("meterValue")
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    # bool is an int in Python but not a number in JSON; 1e999 parses as inf, not a double.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ingest_error(f"{where}: meterValue must be a number, got {_describe(value)}")
     record["meterValue"] = value
     value = raw.get("meterTimeInMillis")
