@@ -19,7 +19,9 @@ cannot overwrite each other.
 
 A dry run needs no API key, opens no connection and writes nothing under the state folder: it
 prints each record it would send as one JSON line (``{"ingest": {...}}`` or
-``{"customer": {...}}``) and then the counts (``{"dry_run": {...}}``).
+``{"customer": {...}}``; per window, meter records first, as they are sent) and then the counts
+(``{"dry_run": {...}}``). Its exit code is the one a real run would have for the same input
+(3 when something would be dead-lettered), so a dry run can gate a pipeline.
 """
 
 from __future__ import annotations
