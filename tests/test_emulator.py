@@ -573,6 +573,17 @@ def test_bad_options_are_refused(changes: dict[str, Any]) -> None:
         EmulatorOptions(**changes)
 
 
+def test_a_port_in_use_is_a_config_error(emulator: EmulatorHandle) -> None:
+    """Starting on a port that is taken raises ConfigError naming the address."""
+    port = int(emulator.url.rsplit(":", 1)[-1])
+
+    with (
+        pytest.raises(ConfigError, match=f"127.0.0.1:{port}"),
+        running_emulator(EmulatorOptions(port=port)),
+    ):
+        pass
+
+
 # -- control routes ------------------------------------------------------------------------
 
 

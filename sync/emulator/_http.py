@@ -11,6 +11,7 @@ benchmark: a request is parsed and answered inside one ``data_received`` call, n
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Callable
 from typing import cast
@@ -19,14 +20,29 @@ from sync.emulator._app import App, Request, Response
 from sync.emulator._faults import Decision
 from sync.emulator._validate import MAX_BODY_BYTES
 from sync.emulator._wire import CONTINUE, RequestParser, WireError, encode_response
+from sync.errors import ConfigError
 
 BACKLOG = 1024
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket, bound now so the caller knows the port before serving starts."""
+    """A listening socket, bound now so the caller knows the port before serving starts.
+
+    A port in use or an address that is not this machine's is a ``ConfigError`` (exit 2).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=BACKLOG)
+    try:
+        return socket.create_server((host, port), family=family, backlog=BACKLOG)
+    except OSError as exc:
+        raise ConfigError(
+            f"the emulator cannot listen on {host}:{port} ({_reason(exc)}); "
+            "choose another --host or --port (0 picks a free port)"
+        ) from exc
+
+
+def _reason(exc: OSError) -> str:
+    # create_server rewrites strerror to name the address again; the errno text is enough.
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def url_of(sock: socket.socket) -> str:
