@@ -228,6 +228,24 @@ def test_a_broken_gzip_body_is_a_400(emulator: EmulatorHandle, api: httpx.Client
     assert emulator.ingested() == []
 
 
+@pytest.mark.parametrize(
+    ("content", "encoding", "status"),
+    [
+        (gzip.compress(b" " * (10 * 1024 * 1024 + 1)), "gzip", 413),
+        (b"[]", "br", 415),
+    ],
+    ids=["gzip-bomb", "brotli"],
+)
+def test_bodies_the_emulator_will_not_unpack_are_refused(
+    api: httpx.Client, content: bytes, encoding: str, status: int
+) -> None:
+    """A gzip body over 10 MiB once inflated is a 413; an unknown Content-Encoding a 415."""
+    response = api.post("/ingest", content=content, headers={"content-encoding": encoding})
+
+    assert response.status_code == status
+    assert response.json()["message"]
+
+
 def test_a_chunked_body_is_read(emulator: EmulatorHandle, api: httpx.Client) -> None:
     """A body sent with Transfer-Encoding: chunked (a generator in httpx) is ingested."""
     payload = json.dumps([record(), record(uniqueId="msg-2")]).encode()

@@ -24,7 +24,11 @@ SERVER_OWNED_CUSTOMER_FIELDS = frozenset({"id", "createTime", "updateTime"})
 
 
 class HttpError(Exception):
-    """A request the emulator refuses; carries the status and the JSON body to answer with."""
+    """A request the emulator refuses, with the status and JSON body to answer.
+
+    It never leaves the emulator (the router turns it into a response), so it is not part of
+    the package's ``SyncError`` tree.
+    """
 
     def __init__(self, status: int, body: Mapping[str, str]) -> None:
         super().__init__(next(iter(body.values()), ""))
