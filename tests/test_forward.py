@@ -6,7 +6,6 @@ import io
 import json
 import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,6 @@ from sync.forward import STOPPED_REASON, WINDOW, EventsRunResult, forward_events
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "events"
 RUN_ID = "20240502T101500Z-0a1b2c"
 TS = "2024-05-02T09:17:00Z"
-
-
-@pytest.fixture
-def emulator() -> Iterator[EmulatorHandle]:
-    with running_emulator(EmulatorOptions(port=0, seed=7)) as handle:
-        yield handle
 
 
 def settings_for(
