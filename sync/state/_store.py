@@ -144,7 +144,9 @@ class StateStore:
         ``columns`` reads only those columns (the id index always comes along). Raises
         ``StateError`` naming the file and the way out when the folder is damaged.
         """
-        committed = self._read_committed()
+        return self._consistently(lambda committed: self._load(committed, columns))
+
+    def _load(self, committed: _Committed, columns: Sequence[str] | None) -> StoredState:
         manifest = committed.manifest
         if committed.data is None:
             users = empty_users()
@@ -185,7 +187,9 @@ class StateStore:
 
         Verifies the committed file against the manifest (size and sha256) without parsing it.
         """
-        committed = self._read_committed()
+        return self._consistently(self._info)
+
+    def _info(self, committed: _Committed) -> StateInfo:
         manifest = committed.manifest
         audience_keys = manifest.audience_keys if manifest else ()
         trait_keys = manifest.trait_keys if manifest else ()
@@ -216,7 +220,9 @@ class StateStore:
         first), "last_run" (the row's, when the engine keeps one), "committed" (False while the
         row lives only in a pending checkpoint)}``.
         """
-        committed = self._read_committed()
+        return self._consistently(lambda committed: self._show(committed, customer_id))
+
+    def _show(self, committed: _Committed, customer_id: str) -> dict[str, Any] | None:
         manifest = committed.manifest
         audience_keys = manifest.audience_keys if manifest else ()
         trait_keys = manifest.trait_keys if manifest else ()
@@ -366,33 +372,35 @@ class StateStore:
     def _path(self, name: str) -> Path:
         return self.directory / name
 
-    def _read_committed(self) -> _Committed:
-        """The last commit and its pending checkpoints, consistent with one another.
+    def _consistently(self, read: Callable[[_Committed], _R]) -> _R:
+        """``read`` applied to the last commit and its pending checkpoints, seen as one.
 
-        Without the lock a commit may land while this reads (a dry run beside a real run);
-        a mismatch seen while the manifest changed underneath is a reason to read again.
+        Without the lock a commit may land while this reads (a dry run beside a real run): it
+        replaces the table and removes the checkpoints it folded in. Whatever ``read`` made of
+        the folder only counts if the manifest is the same after it as before; otherwise, and
+        for a mismatch or a vanished file seen while the manifest changed, it reads again.
         """
-        return self._consistently(self._committed_once)
-
-    def _consistently(self, read: Callable[[bytes | None], _R]) -> _R:
         for _ in range(_READ_ATTEMPTS):
             before = self._manifest_bytes()
             try:
-                return read(before)
+                result = read(self._committed(before))
             except (StateError, FileNotFoundError) as exc:
                 if self._manifest_bytes() != before:
                     continue
                 if isinstance(exc, FileNotFoundError):
                     raise StateError(
-                        f"{exc.filename} disappeared while the state was read; "
-                        "is a `state reset` running? Try again."
+                        f"{exc.filename or 'a state file'} disappeared while the state was "
+                        "read; is a `state reset` running? Try again."
                     ) from exc
                 raise
+            if self._manifest_bytes() == before:
+                return result
         raise StateError(
             f"the state in {self.directory} kept changing while it was read; try again."
         )
 
-    def _committed_once(self, manifest_bytes: bytes | None) -> _Committed:
+    def _committed(self, manifest_bytes: bytes | None) -> _Committed:
+        """The commit ``manifest_bytes`` describes, its table verified, and later checkpoints."""
         if manifest_bytes is None:
             # A lone state.parquet.next is a first commit that stopped before its commit point:
             # nothing was committed. A lone state.parquet lost its manifest: refuse it rather
@@ -424,16 +432,18 @@ class StateStore:
         # The staged file first: it only matches the manifest if a commit stopped after its
         # commit point and before the rename.
         for name in (NEXT_STATE_FILE, STATE_FILE):
-            path = self._path(name)
             try:
-                size = path.stat().st_size
+                # Open first, then measure: a commit may rename the staged file at any moment,
+                # and the mapping keeps hold of whichever file was opened.
+                source = pa.memory_map(str(self._path(name)))
             except FileNotFoundError:
                 problem = "is missing"
                 continue
+            size = source.size()
             if size != manifest.state_bytes:
                 problem = f"has {size} bytes where the manifest expects {manifest.state_bytes}"
                 continue
-            data = pa.memory_map(str(path)).read_buffer() if size else pa.py_buffer(b"")
+            data = source.read_buffer()
             if hashlib.sha256(data).hexdigest() != manifest.content_hash:
                 problem = "does not have the sha256 the manifest records"
                 continue
