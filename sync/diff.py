@@ -1,0 +1,719 @@
+"""The Engage diff: what each user should look like in Amberflo, and who must be sent.
+
+This module is pure (no I/O) and its docstring is the data contract.
+
+Inputs
+------
+:class:`Snapshot` (made by :mod:`sync.snapshot`) and :class:`KnownState` (kept by
+:mod:`sync.state`). Both hold a ``users`` frame indexed by customer id with ``name``, ``email``
+and one column per managed key holding the value **as it goes on the wire**: a string, or NA
+for absent. Audience columns hold ``"true"`` (member), ``"false"`` (stored exit) or NA; trait
+columns hold the formatted value or NA. Values are compared as those strings, so ``5`` and
+``5.0`` differ and nulls equal nulls. Columns whose name starts with ``_`` are fingerprints
+(see :mod:`sync.fingerprint`): ``_hash`` (the record fingerprint of the snapshot row a stored
+row came from, ``0`` = unknown), ``_id_hash`` and ``_id_check`` (the id's 128-bit fingerprint).
+
+Desired record
+--------------
+For a user in the snapshot: each audience key is ``"true"`` for a member, ``"false"`` for a
+non-member whose stored record holds a value for that key (a member once: the exit is sent),
+absent otherwise; each trait key is its value or absent; ``name``/``email`` come from the
+snapshot, or from the stored record where the snapshot has none. For a user in the state but
+missing from the snapshot (an *exit*): every audience key it has stored becomes ``"false"``, its
+traits become absent, its name and email stay as stored.
+
+Kinds (every known user, snapshot or state, is exactly one)
+-----------------------------------------------------------
+- ``added``: not in the state, and holds at least one audience or trait value (a user who never
+  had any value is never sent);
+- ``changed``: in both, and the desired record differs from the stored one;
+- ``exited``: in the state only, and still held a ``"true"`` or a trait value;
+- ``unchanged``: everything else.
+
+``added``, ``changed`` and ``exited`` users are sent. With ``full=True`` every snapshot user
+that has or had a value, and every user missing from the snapshot that had one, is sent as
+well, whatever the state says (their kind stays what it is; the extra ones are ``unchanged``).
+An empty state makes the first run an initial full sync: members and trait holders only, no
+``"false"``.
+
+Keys stored in the state that the snapshot no longer manages are left alone: not sent, not
+removed from customers, and dropped from the next state. Keys the state did not know are
+listed in ``summary.new_keys``.
+
+Speed
+-----
+Snapshot and state are matched on id fingerprints with a ``uint64`` hash table (no string
+join). A matched user whose record fingerprint equals its stored ``_hash`` is unchanged without
+looking at a single value; only the others are compared value by value. Every step is a numpy
+or Arrow pass over a column, never a Python loop over users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sync.fingerprint import UNKNOWN, RecordFingerprint, id_fingerprints
+from sync.model import ChangeKind, DiffSummary, KeyStats, UserChange
+
+__all__ = [
+    "AUDIENCE_DTYPE",
+    "HASH",
+    "ID_CHECK",
+    "ID_HASH",
+    "INDEX_NAME",
+    "Diff",
+    "KnownState",
+    "Snapshot",
+    "acknowledged_rows",
+    "apply_acknowledged",
+    "diff",
+    "record_fingerprints",
+]
+
+INDEX_NAME: Final = "customer_id"
+HASH: Final = "_hash"
+ID_HASH: Final = "_id_hash"
+ID_CHECK: Final = "_id_check"
+FINGERPRINTS: Final = (HASH, ID_HASH, ID_CHECK)
+TEXT_DTYPE: Final = pd.StringDtype("pyarrow")
+# One categorical dtype for every audience column, snapshot and state alike: one byte per user
+# instead of a string, and frames concatenate without re-coding.
+AUDIENCE_DTYPE: Final = pd.CategoricalDtype(["false", "true"])
+_FALSE, _TRUE, _ABSENT = 0, 1, -1
+
+Kind = Literal["added", "changed", "exited", "unchanged"]
+KINDS: Final[tuple[Kind, ...]] = ("added", "changed", "exited", "unchanged")
+
+Ints = npt.NDArray[np.intp]
+Bools = npt.NDArray[np.bool_]
+U64 = npt.NDArray[np.uint64]
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+
+def _empty_invalid() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "customer_id": pd.Series([], dtype=TEXT_DTYPE),
+            "source": pd.Series([], dtype=TEXT_DTYPE),
+            "row": pd.Series([], dtype="int64"),
+            "reason": pd.Series([], dtype=TEXT_DTYPE),
+        }
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """One validated snapshot: users by id, values as they go on the wire.
+
+    ``users`` columns: ``name``, ``email``, then every audience key (``"true"`` or NA) and
+    trait key (text or NA), then the fingerprints. ``key_names`` maps each key to the name it
+    came from; ``invalid`` lists the rows left out (``customer_id`` (NA when missing),
+    ``source`` file, ``row`` (1-based record number in that file), ``reason``) and
+    ``invalid_counts`` counts them by reason; ``files`` are the files read, in order.
+    """
+
+    users: pd.DataFrame
+    audience_keys: tuple[str, ...]
+    trait_keys: tuple[str, ...]
+    key_names: Mapping[str, str] = field(default_factory=dict)
+    invalid: pd.DataFrame = field(default_factory=_empty_invalid)
+    invalid_counts: Mapping[str, int] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+
+    @classmethod
+    def from_users(
+        cls,
+        users: pd.DataFrame,
+        audience_keys: Sequence[str],
+        trait_keys: Sequence[str],
+        *,
+        files: Sequence[str] = (),
+    ) -> Snapshot:
+        """A snapshot from a frame of wire values (another reader, tests); ids must be unique.
+
+        Columns are coerced to the canonical dtypes and the fingerprints computed here.
+        """
+        frame = _canonical(users, tuple(audience_keys), tuple(trait_keys))
+        if not frame.index.is_unique:
+            raise ValueError("snapshot ids must be unique")
+        frame[HASH] = record_fingerprints(frame, tuple(audience_keys), tuple(trait_keys))
+        return cls(
+            users=frame,
+            audience_keys=tuple(audience_keys),
+            trait_keys=tuple(trait_keys),
+            key_names={key: key for key in (*audience_keys, *trait_keys)},
+            files=tuple(files),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class KnownState:
+    """The users as Amberflo last acknowledged them (see the module docstring for columns).
+
+    The state store keeps ``users`` as it is; rows restored without fingerprints still work
+    (they are compared value by value once, and get fingerprints when next sent).
+    """
+
+    users: pd.DataFrame
+    audience_keys: tuple[str, ...] = ()
+    trait_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def empty(cls) -> KnownState:
+        """The state before the first run: no users, no keys."""
+        return cls(users=_canonical(_no_users(), (), ()))
+
+
+def _no_users() -> pd.DataFrame:
+    index = pd.Index(pd.array([], dtype=TEXT_DTYPE), name=INDEX_NAME)
+    return pd.DataFrame(index=index, columns=["name", "email"], dtype=TEXT_DTYPE)
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Diff:
+    """The users to send and why.
+
+    ``desired`` holds the desired record of every user to send (snapshot users in snapshot
+    order, then exits), indexed by id, with the canonical columns of a stored row: it is what
+    the state holds for them once Amberflo acknowledges them. ``kinds`` gives each one's kind.
+    ``refreshed`` holds fresh record fingerprints of users found unchanged value by value
+    whose stored fingerprint was stale; :func:`apply_acknowledged` stores them, so the next
+    run skips those users on the fast path.
+    """
+
+    desired: pd.DataFrame
+    kinds: pd.Series
+    audience_keys: tuple[str, ...]
+    trait_keys: tuple[str, ...]
+    summary: DiffSummary
+    mass_exit_fraction: float
+    dropped_keys: tuple[str, ...] = ()
+    refreshed: pd.DataFrame = field(default_factory=lambda: _fingerprint_frame(0))
+
+    def ids(self, kind: Kind) -> pd.Index:
+        """The ids of the users of one kind among those to send."""
+        return self.desired.index[(self.kinds == kind).to_numpy()]
+
+
+def _fingerprint_frame(size: int) -> pd.DataFrame:
+    index = pd.Index(pd.array([None] * size, dtype=TEXT_DTYPE), name=INDEX_NAME)
+    return pd.DataFrame({name: np.zeros(size, np.uint64) for name in FINGERPRINTS}, index=index)
+
+
+# -- column access ---------------------------------------------------------------------------
+
+
+def _text(frame: pd.DataFrame, column: str, rows: Ints | None = None) -> pa.Array:
+    """A column as an Arrow string array (nulls = absent), optionally only ``rows``.
+
+    A negative row stands for a user the frame lacks: its value is absent.
+    """
+    size = len(frame) if rows is None else len(rows)
+    if column not in frame.columns or len(frame) == 0:
+        return pa.nulls(size, pa.string())
+    series = frame[column]
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        codes = series.cat.codes.to_numpy()
+        categories = pa.array([str(value) for value in series.cat.categories], pa.string())
+        picked = codes if rows is None else np.where(rows < 0, -1, codes[np.maximum(rows, 0)])
+        return categories.take(pa.array(picked, mask=picked < 0))
+    values = pa.array(series.array, type=pa.string(), from_pandas=True)
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if rows is None:
+        return values
+    return values.take(pa.array(np.maximum(rows, 0), mask=rows < 0))
+
+
+def _audience(frame: pd.DataFrame, column: str, rows: Ints | None = None) -> tuple[Bools, Bools]:
+    """``(is "true", holds a value)`` per user for one audience column."""
+    size = len(frame) if rows is None else len(rows)
+    if column not in frame.columns:
+        return np.zeros(size, bool), np.zeros(size, bool)
+    series = frame[column]
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        codes = series.cat.codes.to_numpy()
+        if rows is not None:
+            codes = codes[rows]
+        categories = list(series.cat.categories)
+        true_code = categories.index("true") if "true" in categories else -2
+        return codes == true_code, codes >= 0
+    values = _text(frame, column, rows)
+    is_true = pc.fill_null(pc.equal(values, "true"), False)
+    return _bools(is_true), _bools(values.is_valid())
+
+
+def _bools(values: pa.Array | pa.ChunkedArray) -> Bools:
+    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _count(values: pa.Array) -> int:
+    """How many values are present."""
+    return int(len(values) - values.null_count)
+
+
+def _differs(new: pa.Array, old: pa.Array) -> Bools:
+    """Per row: the two wire values differ (null equals null)."""
+    same = pc.fill_null(pc.equal(new, old), False)
+    both_null = pc.and_(new.is_null(), old.is_null())
+    return ~_bools(pc.or_(same, both_null))
+
+
+def _uint64(frame: pd.DataFrame, column: str) -> U64 | None:
+    """A fingerprint column as ``uint64`` (NA = 0), or None if the frame lacks it."""
+    if column not in frame.columns:
+        return None
+    return np.asarray(frame[column].to_numpy(dtype=np.uint64, na_value=0), dtype=np.uint64)
+
+
+def _ids(frame: pd.DataFrame) -> pa.Array:
+    values = pa.array(frame.index.array, type=pa.string(), from_pandas=True)
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def _id_fingerprints(frame: pd.DataFrame) -> tuple[U64, U64]:
+    """The frame's id fingerprints: stored ones when complete, else computed from the ids."""
+    stored_hash, stored_check = _uint64(frame, ID_HASH), _uint64(frame, ID_CHECK)
+    if (
+        stored_hash is not None
+        and stored_check is not None
+        and not ((stored_hash == 0) & (stored_check == 0)).any()
+    ):
+        return stored_hash, stored_check
+    return id_fingerprints(_ids(frame))
+
+
+def record_fingerprints(
+    users: pd.DataFrame, audience_keys: Sequence[str], trait_keys: Sequence[str]
+) -> U64:
+    """Record fingerprints of a frame of wire values (name, email, members, trait text)."""
+    fingerprint = RecordFingerprint(len(users))
+    for column in ("name", "email"):
+        fingerprint.add_strings(column, _text(users, column))
+    for key in audience_keys:
+        fingerprint.add_flag(key, _audience(users, key)[0])
+    for key in trait_keys:
+        fingerprint.add_strings(key, _text(users, key))
+    return fingerprint.finish()
+
+
+# -- matching --------------------------------------------------------------------------------
+
+
+def _match(snapshot: pd.DataFrame, state: pd.DataFrame) -> Ints:
+    """For each snapshot user, its row in the state, or -1."""
+    if len(state) == 0:
+        return np.full(len(snapshot), -1, dtype=np.intp)
+    snap_hash, snap_check = _id_fingerprints(snapshot)
+    state_hash, state_check = _id_fingerprints(state)
+    table = pd.Index(pd.array(state_hash, dtype="uint64"))
+    if table.is_unique:
+        positions = np.asarray(table.get_indexer(pd.Index(snap_hash)), dtype=np.intp)
+        found = positions >= 0
+        if np.array_equal(state_check[positions[found]], snap_check[found]):
+            return positions
+    # Two ids share 64 bits of fingerprint (or the state repeats an id): join exactly instead.
+    exact = pc.index_in(_ids(snapshot), value_set=_ids(state))
+    return np.asarray(exact.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.intp)
+
+
+# -- the diff --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Sides:
+    """The snapshot and the state being compared: matched, with the snapshot's values at hand,
+    and the per-key counters filled as each group of users is looked at."""
+
+    snap: pd.DataFrame
+    known: pd.DataFrame
+    audience_keys: tuple[str, ...]
+    trait_keys: tuple[str, ...]
+    position: Ints  # per snapshot user: its row in the state, or -1
+    members: dict[str, Bools]
+    traits: dict[str, pa.Array]
+    entered: dict[str, int]
+    exited: dict[str, int]
+    changed: dict[str, int]
+
+    @classmethod
+    def of(cls, snapshot: Snapshot, state: KnownState) -> _Sides:
+        snap, known = snapshot.users, state.users
+        keys = (*snapshot.audience_keys, *snapshot.trait_keys)
+        return cls(
+            snap=snap,
+            known=known,
+            audience_keys=snapshot.audience_keys,
+            trait_keys=snapshot.trait_keys,
+            position=_match(snap, known),
+            members={key: _audience(snap, key)[0] for key in snapshot.audience_keys},
+            traits={key: _text(snap, key) for key in snapshot.trait_keys},
+            entered=dict.fromkeys(keys, 0),
+            exited=dict.fromkeys(keys, 0),
+            changed=dict.fromkeys(keys, 0),
+        )
+
+    def has_value(self) -> Bools:
+        """Per snapshot user: a member of some audience or holder of some trait."""
+        result = np.zeros(len(self.snap), dtype=bool)
+        for flags in self.members.values():
+            result |= flags
+        for values in self.traits.values():
+            result |= _bools(values.is_valid())
+        return result
+
+    def _hashes(self) -> tuple[U64, U64]:
+        """Record fingerprints of the snapshot and the state (a missing column: unknown)."""
+        snap_hash, state_hash = _uint64(self.snap, HASH), _uint64(self.known, HASH)
+        if snap_hash is None:
+            snap_hash = record_fingerprints(self.snap, self.audience_keys, self.trait_keys)
+        if state_hash is None:
+            state_hash = np.full(len(self.known), UNKNOWN, dtype=np.uint64)
+        return snap_hash, state_hash
+
+    def suspects(self, rows: Ints) -> Ints:
+        """Matched ``rows`` whose fingerprint does not vouch for them being unchanged."""
+        snap_hash, state_hash = self._hashes()
+        stored = state_hash[self.position[rows]]
+        keep: Bools = (stored != snap_hash[rows]) | (stored == UNKNOWN)
+        return rows[keep]
+
+    def stale(self, rows: Ints) -> Ints:
+        """Unchanged ``rows`` whose stored fingerprint differs from the snapshot's."""
+        snap_hash, state_hash = self._hashes()
+        keep: Bools = state_hash[self.position[rows]] != snap_hash[rows]
+        return rows[keep]
+
+    def compare(self, rows: Ints) -> Bools:
+        """Which matched ``rows`` have a desired record unlike the stored one (and count)."""
+        stored_rows = self.position[rows]
+        differs = np.zeros(len(rows), dtype=bool)
+        for key, member in self.members.items():
+            now = member[rows]
+            was, _ = _audience(self.known, key, stored_rows)
+            # A non-member's desired value ("false" if it held one, else absent) equals what
+            # is stored unless that is "true": only membership itself can differ.
+            differs |= now != was
+            self.entered[key] += int((now & ~was).sum())
+            self.exited[key] += int((~now & was).sum())
+        taken = pa.array(rows)
+        for key, values in self.traits.items():
+            changed = _differs(values.take(taken), _text(self.known, key, stored_rows))
+            differs |= changed
+            self.changed[key] += int(changed.sum())
+        for column in ("name", "email"):
+            new = _text(self.snap, column, rows)
+            # An absent name or email keeps the stored one, so only a given value can differ.
+            differs |= _bools(new.is_valid()) & _differs(
+                new, _text(self.known, column, stored_rows)
+            )
+        return differs
+
+    def count_added(self, rows: Ints) -> None:
+        """Count new users ``rows``: every value they hold is an entry or a change."""
+        for key, member in self.members.items():
+            self.entered[key] += int(member[rows].sum())
+        taken = pa.array(rows)
+        for key, values in self.traits.items():
+            self.changed[key] += _count(values.take(taken))
+
+    def count_exited(self, stored_rows: Ints) -> None:
+        """Count exited users: every ``"true"`` is an exit, every trait value a change."""
+        for key in self.audience_keys:
+            self.exited[key] += int(_audience(self.known, key, stored_rows)[0].sum())
+        for key in self.trait_keys:
+            self.changed[key] += _count(_text(self.known, key, stored_rows))
+
+    def held(self, stored_rows: Ints) -> tuple[Bools, Bools]:
+        """Per stored row: holds a ``"true"`` or a trait value; holds any value at all."""
+        still = np.zeros(len(stored_rows), dtype=bool)
+        ever = np.zeros(len(stored_rows), dtype=bool)
+        for key in self.audience_keys:
+            is_true, has = _audience(self.known, key, stored_rows)
+            still |= is_true
+            ever |= has
+        for key in self.trait_keys:
+            present = _bools(_text(self.known, key, stored_rows).is_valid())
+            still |= present
+            ever |= present
+        return still, ever
+
+    def desired(self, rows: Ints, gone: Ints) -> pd.DataFrame:
+        """Desired records of snapshot ``rows`` then of exited stored rows ``gone``."""
+        snap, known = self.snap, self.known
+        stored_rows = self.position[rows]
+        in_state = stored_rows >= 0
+        safe_rows = np.where(in_state, stored_rows, 0)
+        data: dict[str, object] = {}
+        for column in ("name", "email"):
+            mine = pc.coalesce(_text(snap, column, rows), _text(known, column, stored_rows))
+            data[column] = _text_array(pa.concat_arrays([mine, _text(known, column, gone)]))
+        for key in self.audience_keys:
+            member = self.members[key][rows]
+            had = _audience(known, key, safe_rows)[1] & in_state if in_state.any() else in_state
+            codes = np.concatenate(
+                [
+                    np.where(member, _TRUE, np.where(had, _FALSE, _ABSENT)),
+                    np.where(_audience(known, key, gone)[1], _FALSE, _ABSENT),
+                ]
+            )
+            data[key] = pd.Categorical.from_codes(codes.astype(np.int8), dtype=AUDIENCE_DTYPE)
+        for key in self.trait_keys:
+            # A trait holds its snapshot value; an exit's traits are absent.
+            values = self.traits[key].take(pa.array(rows))
+            data[key] = _text_array(pa.concat_arrays([values, pa.nulls(len(gone), pa.string())]))
+        data[HASH] = np.concatenate(
+            [self._hashes()[0][rows], np.full(len(gone), UNKNOWN, np.uint64)]
+        )
+        snap_ids, known_ids = _id_fingerprints(snap), _id_fingerprints(known)
+        data[ID_HASH] = np.concatenate([snap_ids[0][rows], known_ids[0][gone]])
+        data[ID_CHECK] = np.concatenate([snap_ids[1][rows], known_ids[1][gone]])
+        ids = pa.concat_arrays([_ids(snap).take(pa.array(rows)), _ids(known).take(pa.array(gone))])
+        frame = pd.DataFrame(data, index=pd.Index(_text_array(ids), name=INDEX_NAME))
+        return frame[["name", "email", *self.audience_keys, *self.trait_keys, *FINGERPRINTS]]
+
+    def key_stats(self) -> tuple[KeyStats, ...]:
+        audiences = [
+            KeyStats(
+                key=key,
+                kind="audience",
+                members=int(flags.sum()),
+                entered=self.entered[key],
+                exited=self.exited[key],
+            )
+            for key, flags in self.members.items()
+        ]
+        traits = [KeyStats(key=key, kind="trait", changed=self.changed[key]) for key in self.traits]
+        return (*audiences, *traits)
+
+
+def diff(snapshot: Snapshot, state: KnownState, *, full: bool = False, samples: int = 20) -> Diff:
+    """Compare ``snapshot`` with ``state`` (see the module docstring for the rules)."""
+    sides = _Sides.of(snapshot, state)
+    known = state.users
+    has_value = sides.has_value()
+    matched = sides.position >= 0
+    both = np.flatnonzero(matched)
+
+    # Users in both: the fingerprint filter, then a value-by-value look at the rest.
+    candidates = both if full else sides.suspects(both)
+    differs = sides.compare(candidates)
+    changed_rows = candidates[differs]
+    stale = sides.stale(candidates[~differs])
+
+    new_rows = np.flatnonzero(~matched)
+    added_rows = new_rows[has_value[new_rows]]
+    sides.count_added(added_rows)
+
+    seen = np.zeros(len(known), dtype=bool)
+    seen[sides.position[both]] = True
+    gone = np.flatnonzero(~seen)
+    still_held, ever_held = sides.held(gone)
+    sides.count_exited(gone[still_held])
+
+    kind_of_row = np.full(len(snapshot.users), KINDS.index("unchanged"), dtype=np.int8)
+    kind_of_row[added_rows] = KINDS.index("added")
+    kind_of_row[changed_rows] = KINDS.index("changed")
+    if full:
+        had = np.zeros(len(snapshot.users), dtype=bool)
+        had[both] = sides.held(sides.position[both])[1]
+        send_rows = np.flatnonzero(has_value | had)
+        gone_sent = ever_held
+    else:
+        send_rows = np.sort(np.concatenate([added_rows, changed_rows]))
+        gone_sent = still_held
+    desired = sides.desired(send_rows, gone[gone_sent])
+    gone_kinds = np.where(still_held[gone_sent], KINDS.index("exited"), KINDS.index("unchanged"))
+    kinds = pd.Series(
+        pd.Categorical.from_codes(
+            np.concatenate([kind_of_row[send_rows], gone_kinds]).astype(np.int8),
+            dtype=pd.CategoricalDtype(list(KINDS)),
+        ),
+        index=desired.index,
+        name="kind",
+    )
+
+    exited = int(still_held.sum())
+    managed = (*snapshot.audience_keys, *snapshot.trait_keys)
+    stored_keys = (*state.audience_keys, *state.trait_keys)
+    summary = DiffSummary(
+        in_snapshot=len(snapshot.users),
+        invalid=dict(snapshot.invalid_counts),
+        added=len(added_rows),
+        changed=len(changed_rows),
+        exited=exited,
+        unchanged=len(snapshot.users) + len(gone) - len(added_rows) - len(changed_rows) - exited,
+        to_send=len(desired),
+        keys=sides.key_stats(),
+        new_keys=tuple(key for key in managed if key not in stored_keys),
+        samples=_samples(
+            desired,
+            kinds,
+            known,
+            np.concatenate([sides.position[send_rows], gone[gone_sent]]),
+            samples,
+        ),
+    )
+    return Diff(
+        desired=desired,
+        kinds=kinds,
+        audience_keys=snapshot.audience_keys,
+        trait_keys=snapshot.trait_keys,
+        summary=summary,
+        mass_exit_fraction=exited / len(known) if len(known) else 0.0,
+        dropped_keys=tuple(key for key in stored_keys if key not in managed),
+        refreshed=snapshot.users.iloc[stale][list(FINGERPRINTS)],
+    )
+
+
+def _text_array(values: pa.Array | pa.ChunkedArray) -> pd.arrays.ArrowStringArray:
+    chunked = values if isinstance(values, pa.ChunkedArray) else pa.chunked_array([values])
+    return pd.arrays.ArrowStringArray(chunked)
+
+
+# -- samples ---------------------------------------------------------------------------------
+
+
+def _samples(
+    desired: pd.DataFrame,
+    kinds: pd.Series,
+    known: pd.DataFrame,
+    stored_rows: Ints,
+    per_kind: int,
+) -> tuple[UserChange, ...]:
+    """Up to ``per_kind`` users of each sent kind, lowest ids first, before -> after.
+
+    ``stored_rows`` gives each desired row's row in ``known`` (-1 for a new user).
+    """
+    if per_kind <= 0 or len(desired) == 0:
+        return ()
+    fields = [column for column in desired.columns if column not in FINGERPRINTS]
+    changes: list[UserChange] = []
+    kind: ChangeKind
+    for kind in ("added", "changed", "exited"):
+        rows = np.flatnonzero((kinds == kind).to_numpy())
+        if len(rows) > per_kind:
+            pick = pc.select_k_unstable(
+                pa.table({"id": _ids(desired).take(pa.array(rows))}),
+                k=per_kind,
+                sort_keys=[("id", "ascending")],
+            )
+            rows = rows[np.asarray(pick.to_numpy(zero_copy_only=False), dtype=np.intp)]
+        ids = np.asarray(_ids(desired).take(pa.array(rows)).to_pylist(), dtype=object)
+        rows = rows[np.argsort(ids, kind="stable")]
+        after = _records(desired, rows, fields)
+        before = _records(known, stored_rows[rows], fields)
+        ids = _ids(desired).take(pa.array(rows)).to_pylist()
+        for customer_id, old, new in zip(ids, before, after, strict=True):
+            differing = [name for name in fields if old[name] != new[name]]
+            changes.append(
+                UserChange(
+                    customer_id=str(customer_id),
+                    kind=kind,
+                    before={name: old[name] for name in differing},
+                    after={name: new[name] for name in differing},
+                )
+            )
+    return tuple(changes)
+
+
+def _records(frame: pd.DataFrame, rows: Ints, fields: Sequence[str]) -> list[dict[str, str | None]]:
+    """The wire values of ``rows`` (-1: a user the frame lacks, all absent), as dicts."""
+    columns = {name: _text(frame, name, rows).to_pylist() for name in fields}
+    return [{name: columns[name][i] for name in fields} for i in range(len(rows))]
+
+
+# -- state after delivery --------------------------------------------------------------------
+
+
+def acknowledged_rows(result: Diff, ids: Iterable[str]) -> pd.DataFrame:
+    """The new stored rows of the users Amberflo acknowledged (``ids`` must have been sent).
+
+    This is what a checkpoint records: the full desired row of each user, fingerprints
+    included.
+    """
+    wanted = list(dict.fromkeys(ids))
+    positions = result.desired.index.get_indexer(pd.Index(wanted, dtype=TEXT_DTYPE))
+    if (positions < 0).any():
+        unknown = [wanted[i] for i in np.flatnonzero(positions < 0)[:3]]
+        raise ValueError(f"acknowledged ids that this diff did not send, e.g. {unknown}")
+    return result.desired.iloc[np.sort(positions)]
+
+
+def apply_acknowledged(state: KnownState, result: Diff, acked_ids: Iterable[str]) -> KnownState:
+    """The state once the users in ``acked_ids`` are acknowledged: pure, sorted by id.
+
+    Acknowledged users get their desired row; users found unchanged get their refreshed
+    fingerprint; every other stored row stays as it was, except that keys the diff no longer
+    manages are dropped from the state.
+    """
+    audience_keys, trait_keys = result.audience_keys, result.trait_keys
+    base = _canonical(state.users, audience_keys, trait_keys)
+    if len(result.refreshed) and len(base):
+        where = _match(result.refreshed, base)
+        found = where >= 0
+        hashes = base[HASH].to_numpy(dtype=np.uint64).copy()
+        hashes[where[found]] = result.refreshed[HASH].to_numpy(dtype=np.uint64)[found]
+        base[HASH] = hashes
+    rows = acknowledged_rows(result, acked_ids)
+    if len(rows) == 0:
+        return KnownState(users=base, audience_keys=audience_keys, trait_keys=trait_keys)
+    rows = rows[list(base.columns)]
+    where = _match(rows, base)
+    existing = where >= 0
+    combined = pd.concat([base, rows])
+    if existing.all():
+        # Replacing rows in place keeps the order: no sort needed.
+        order = np.arange(len(base))
+        order[where] = len(base) + np.arange(len(rows))
+        users = combined.iloc[order]
+    else:
+        keep = np.ones(len(combined), dtype=bool)
+        keep[where[existing]] = False
+        users = combined[keep]
+        users = users.iloc[np.asarray(pc.sort_indices(_ids(users)), dtype=np.intp)]
+    return KnownState(users=users, audience_keys=audience_keys, trait_keys=trait_keys)
+
+
+def _canonical(
+    users: pd.DataFrame, audience_keys: Sequence[str], trait_keys: Sequence[str]
+) -> pd.DataFrame:
+    """``users`` with exactly the columns of a stored row for these keys, in canonical dtypes.
+
+    Missing key columns become absent; columns of keys no longer managed are dropped;
+    fingerprints are computed where missing (``_hash`` then is ``0``: unknown).
+    """
+    index = pd.Index(_text_array(_ids(users)), name=INDEX_NAME)
+    data: dict[str, object] = {}
+    for column in ("name", "email", *trait_keys):
+        data[column] = _text_array(_text(users, column))
+    for key in audience_keys:
+        if key in users.columns and users[key].dtype == AUDIENCE_DTYPE:
+            data[key] = users[key].array
+        elif key in users.columns:
+            is_true, has = _audience(users, key)
+            codes = np.where(is_true, _TRUE, np.where(has, _FALSE, _ABSENT)).astype(np.int8)
+            data[key] = pd.Categorical.from_codes(codes, dtype=AUDIENCE_DTYPE)
+        else:
+            data[key] = pd.Categorical.from_codes(
+                np.full(len(users), _ABSENT, np.int8), dtype=AUDIENCE_DTYPE
+            )
+    stored_hash = _uint64(users, HASH)
+    data[HASH] = stored_hash if stored_hash is not None else np.zeros(len(users), np.uint64)
+    data[ID_HASH], data[ID_CHECK] = _id_fingerprints(users)
+    columns = ["name", "email", *audience_keys, *trait_keys, *FINGERPRINTS]
+    frame = pd.DataFrame(data, index=index)
+    return frame[columns]

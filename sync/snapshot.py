@@ -1,0 +1,821 @@
+"""Read an Engage snapshot into a validated :class:`~sync.diff.Snapshot` (the I/O adapter).
+
+Sources: a file, a glob or a folder (every supported file in it, sorted by name); ``.csv``,
+``.parquet``, ``.jsonl``/``.ndjson``, and the text formats gzipped (``.csv.gz``). Layouts:
+
+- ``wide``: one row per user, one column per audience or computed trait;
+- ``long``: ``(id_column, key_column, value_column)`` rows; ``name_column``/``email_column`` name
+  the *keys* whose rows carry the customer's name and email;
+- ``membership``: one file per audience listing its members in ``id_column``; the audience's
+  name is the file name without its extensions.
+
+Audiences and traits are taken from the configuration, else inferred: boolean columns (wide) or
+boolean-looking values (long: every value one of true/false/yes/no/1/0) are audiences, the rest
+traits. An audience cell is a member when it is a boolean true, ``true``/``yes``/``1`` in any
+case, or the number 1. Trait values keep their types and are rendered as on the wire
+(:func:`sync.keys.wire_value`): an integer column with nulls still renders ``5``.
+
+Rows with a null or empty id (``missing_id``), or rows of one id that disagree
+(``conflicting_duplicate``, every row of that id), are left out and reported; identical
+duplicates collapse into one. A missing column or a bad setting raises ``ConfigError``; an
+unreadable file raises ``SourceError``; both name the file and the fix.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+import structlog
+
+from sync.config import SourceSettings
+from sync.diff import (
+    AUDIENCE_DTYPE,
+    FINGERPRINTS,
+    HASH,
+    ID_CHECK,
+    ID_HASH,
+    INDEX_NAME,
+    TEXT_DTYPE,
+    Snapshot,
+)
+from sync.errors import ConfigError, SourceError
+from sync.fingerprint import U64, RecordFingerprint, id_fingerprints
+from sync.keys import MAX_DIMENSION_LENGTH, format_value, snake_case, wire_value
+
+__all__ = ["CONFLICTING_DUPLICATE", "MISSING_ID", "Snapshot", "read_snapshot"]
+
+log = structlog.get_logger(__name__)
+
+MISSING_ID: Final = "missing_id"
+CONFLICTING_DUPLICATE: Final = "conflicting_duplicate"
+MISSING_KEY: Final = "missing_key"
+
+_FORMATS: Final = {".csv": "csv", ".parquet": "parquet", ".jsonl": "json", ".ndjson": "json"}
+_SUPPORTED: Final = "use .csv, .parquet, .jsonl or .ndjson (text formats may be gzipped: .csv.gz)"
+_MEMBER_WORDS: Final = ("true", "yes", "1")
+_BOOLEAN_WORDS: Final = ("true", "false", "yes", "no", "1", "0")
+# keys.dimension_safe as an RE2 pattern, so a column is made wire-safe in one Arrow pass.
+_UNSAFE: Final = r"[^-_ !.*'()&$@=;:+,?0-9A-Za-z]"
+# Floats whose Arrow text equals Python's repr once ".0" is added to integral ones; the rest
+# (huge, tiny) take the exact, slower per-value path.
+_FIXED_NOTATION: Final = (1e-4, 1e10)
+_RESERVED_KEYS: Final = ("name", "email")
+
+Bools = npt.NDArray[np.bool_]
+Ints = npt.NDArray[np.intp]
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def _format_of(path: Path) -> str | None:
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+        if suffixes and suffixes[-1] == ".parquet":
+            return None  # Parquet compresses inside the file; a gzipped one is not readable
+    return _FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def _stem(path: Path) -> str:
+    """The file name without any of its extensions: ``VIP Users.csv.gz`` -> ``VIP Users``."""
+    name = path.name
+    while True:
+        stem, dot, suffix = name.rpartition(".")
+        if not dot or not stem or f".{suffix.lower()}" not in (*_FORMATS, ".gz"):
+            return name
+        name = stem
+
+
+def resolve_files(path: str) -> list[Path]:
+    """The snapshot files a ``source.path`` names: a file, a glob or a folder, sorted."""
+    target = Path(path)
+    if target.is_dir():
+        found = sorted(p for p in target.iterdir() if p.is_file() and _format_of(p))
+        if not found:
+            raise ConfigError(f"no snapshot file in folder {target} ({_SUPPORTED})")
+        return found
+    if glob.has_magic(path):
+        # The pattern may be absolute (config paths are resolved): Path.glob takes relative ones.
+        matches = sorted(Path(p) for p in glob.glob(path) if Path(p).is_file())  # noqa: PTH207
+        found = [p for p in matches if _format_of(p)]
+        if not found:
+            raise ConfigError(f"no file matching {path} ({_SUPPORTED}); check source.path")
+        return found
+    if not target.is_file():
+        raise ConfigError(f"snapshot file {target} does not exist; check source.path")
+    if _format_of(target) is None:
+        raise ConfigError(f"{target}: unsupported format; {_SUPPORTED}")
+    return [target]
+
+
+def _read_file(path: Path, text_columns: Iterable[str], columns: list[str] | None) -> pa.Table:
+    """One file as an Arrow table; ``text_columns`` are read as text (ids keep leading zeros).
+
+    ``columns`` limits a Parquet read to those columns (when all exist; else all are read, so
+    the caller can name the missing one).
+    """
+    kind = _format_of(path)
+    try:
+        if kind == "parquet":
+            present = set(pq.read_schema(path).names)
+            if columns is not None and present.issuperset(columns):
+                return pq.read_table(path, columns=columns)
+            return pq.read_table(path)
+        if kind == "csv":
+            options = pacsv.ConvertOptions(column_types=dict.fromkeys(text_columns, pa.string()))
+            return pacsv.read_csv(path, convert_options=options)
+        try:
+            return pajson.read_json(path)
+        except pa.ArrowInvalid:
+            # Arrow wants one type per column; Engage traits mix them (1, "gold", true) in the
+            # long layout's value column, so read such files value by value instead.
+            return _read_json_lines(path)
+    except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as exc:
+        raise SourceError(f"cannot read {path}: {exc}") from exc
+
+
+def _read_json_lines(path: Path) -> pa.Table:
+    records: list[dict[str, object]] = []
+    opener: Callable[..., object] = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as lines:  # type: ignore[attr-defined]
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SourceError(
+                    f"{path}:{number}: not valid JSON ({exc.msg}); each line must be one object"
+                ) from exc
+            if not isinstance(record, dict):
+                raise SourceError(
+                    f"{path}:{number}: expected one JSON object per line, "
+                    f"got {type(record).__name__}"
+                )
+            records.append(record)
+    names = dict.fromkeys(name for record in records for name in record)
+    columns: dict[str, pa.Array] = {}
+    for name in names:
+        values = [record.get(name) for record in records]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            columns[name] = pa.array([format_value(value) for value in values], pa.string())
+    return pa.table(columns)
+
+
+def _require(table: pa.Table, path: Path, wanted: Mapping[str, str]) -> None:
+    """ConfigError for the first column of ``wanted`` (column -> setting) missing in ``path``."""
+    for column, setting in wanted.items():
+        if column not in table.column_names:
+            raise ConfigError(
+                f"column {column!r} not found in {path} (columns: "
+                f"{', '.join(table.column_names)}); set {setting}"
+            )
+
+
+@dataclass
+class _Origin:
+    """Where each row of a concatenation of files came from."""
+
+    files: list[str]
+    starts: npt.NDArray[np.int64]  # first row of each file, then the total
+
+    @classmethod
+    def of(cls, files: Sequence[Path], tables: Sequence[pa.Table]) -> _Origin:
+        sizes = [table.num_rows for table in tables]
+        return cls([str(path) for path in files], np.concatenate([[0], np.cumsum(sizes)]))
+
+    rows: Ints | None = None  # the rows of the concatenation these are, if a subset
+
+    def locate(self, rows: Ints) -> tuple[list[str], list[int]]:
+        """Source file and 1-based record number of each row."""
+        if self.rows is not None:
+            rows = self.rows[rows]
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        return [self.files[i] for i in which], (rows - self.starts[which] + 1).tolist()
+
+    def subset(self, rows: Ints) -> _Origin:
+        """The origin of ``rows`` of this one, numbered from 0."""
+        return _Origin(self.files, self.starts, rows if self.rows is None else self.rows[rows])
+
+
+# -- values ----------------------------------------------------------------------------------
+
+
+def _flat(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    array = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    return array
+
+
+def _bools(values: pa.Array | pa.ChunkedArray) -> Bools:
+    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _python_text(values: pa.Array, render: Callable[[object], str | None]) -> pa.Array:
+    return pa.array([render(value) for value in values.to_pylist()], pa.string())
+
+
+def _float_text(values: pa.Array) -> pa.Array:
+    """Floats as Python's shortest repr (``2.0``, ``450.5``, ``1e+16``); NaN is absent."""
+    values = values.cast(pa.float64())
+    numbers = values.fill_null(np.nan).to_numpy(zero_copy_only=False)
+    text = pc.cast(values, pa.string())
+    low, high = _FIXED_NOTATION
+    magnitude = np.abs(numbers)
+    fixed = ((magnitude >= low) & (magnitude < high)) | (numbers == 0)
+    # Arrow writes integral floats without a fraction ("2"); Python's repr says "2.0".
+    integral = fixed & (numbers == np.trunc(numbers))
+    text = _replace(text, integral, pc.binary_join_element_wise(_pick(text, integral), ".0", ""))
+    slow = ~fixed & ~np.isnan(numbers)
+    exact = pa.array([repr(float(number)) for number in numbers[slow]], pa.string())
+    text = _replace(text, slow, exact)
+    nan = np.isnan(numbers)
+    return _replace(text, nan, pa.nulls(int(nan.sum()), pa.string()))
+
+
+def _few_distinct(values: pa.Array, sample: int = 4096) -> bool:
+    """Whether a sample of ``values`` repeats enough that encoding them first pays."""
+    head = values.slice(0, sample)
+    return len(head) == sample and len(pc.unique(head)) * 8 < sample
+
+
+def _pick(values: pa.Array, mask: Bools) -> pa.Array:
+    return values.filter(pa.array(mask))
+
+
+def _replace(values: pa.Array, mask: Bools, replacements: pa.Array) -> pa.Array:
+    """``values`` with the masked slots replaced, in order, by ``replacements``."""
+    if not mask.any():
+        return values
+    return pc.replace_with_mask(values, pa.array(mask), replacements)
+
+
+# Bytes that keys.dimension_safe keeps (every byte of a non-ASCII character is replaced).
+_SAFE_BYTES: Final = np.zeros(256, dtype=bool)
+_SAFE_BYTES[list(b"-_ !.*'()&$@=;:+,?0123456789")] = True
+_SAFE_BYTES[ord("A") : ord("Z") + 1] = True
+_SAFE_BYTES[ord("a") : ord("z") + 1] = True
+
+
+def _wire_safe(text: pa.Array) -> pa.Array:
+    """:func:`sync.keys.dimension_safe` over a column: unsafe characters to ``_``, cut, empty
+    to absent."""
+    text = text.cast(pa.string())
+    # Most columns are already safe: one table lookup over the bytes says so without a regex.
+    _, offsets, data = text.buffers()
+    if data is not None and len(text):
+        ends = np.frombuffer(offsets, dtype=np.int32)[text.offset : text.offset + len(text) + 1]
+        used = np.frombuffer(data, dtype=np.uint8)[ends[0] : ends[-1]]
+        if not _SAFE_BYTES[used].all():
+            text = pc.replace_substring_regex(text, pattern=_UNSAFE, replacement="_")
+    # Only ASCII is left, so bytes are characters.
+    if len(text) and (pc.max(pc.binary_length(text)).as_py() or 0) > MAX_DIMENSION_LENGTH:
+        text = pc.utf8_slice_codeunits(text, 0, MAX_DIMENSION_LENGTH)
+    return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+
+
+def render(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Trait values as they go on the wire: :func:`sync.keys.wire_value`, a column at a time."""
+    array = _flat(values)
+    kind = array.type
+    if pa.types.is_null(kind):
+        return pa.nulls(len(array), pa.string())
+    if pa.types.is_boolean(kind):
+        return pc.if_else(array, "true", "false")
+    if pa.types.is_integer(kind):
+        return pc.cast(array, pa.string())
+    if pa.types.is_floating(kind):
+        if _few_distinct(array):
+            # Scores, percentiles, rounded amounts: render each distinct value once.
+            encoded = pc.dictionary_encode(array)
+            return _float_text(encoded.dictionary).take(encoded.indices)
+        return _float_text(array)
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return _wire_safe(array)
+    # Dates, timestamps, decimals, lists, structs: rare and small; exact rendering per value.
+    return _python_text(array, wire_value)
+
+
+def _plain_text(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Ids, names and emails as text, as they are (no dimension rule); blank is absent."""
+    array = _flat(values)
+    kind = array.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        text = array.cast(pa.string())
+    elif pa.types.is_integer(kind):
+        text = pc.cast(array, pa.string())
+    elif pa.types.is_floating(kind) and _integral(array):
+        # An integer id column with a null, written by pandas, arrives as floats.
+        text = pc.cast(array.cast(pa.int64()), pa.string())
+    else:
+        text = _python_text(array, format_value)
+    blank = pc.equal(pc.utf8_trim_whitespace(text), "")
+    return pc.if_else(blank, pa.scalar(None, pa.string()), text)
+
+
+def _integral(values: pa.Array) -> bool:
+    numbers = values.fill_null(0.0).to_numpy(zero_copy_only=False)
+    return bool(np.all(np.isfinite(numbers) & (numbers == np.round(numbers))))
+
+
+def _members(values: pa.Array | pa.ChunkedArray, where: str) -> Bools:
+    """Audience membership per cell: boolean true, true/yes/1 in any case, or the number 1."""
+    array = _flat(values)
+    kind = array.type
+    if pa.types.is_null(kind):
+        return np.zeros(len(array), dtype=bool)
+    if pa.types.is_boolean(kind):
+        return _bools(array.fill_null(False))
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        return _bools(pc.fill_null(pc.equal(array, 1), False))
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        words = pc.utf8_lower(pc.utf8_trim_whitespace(array))
+        return _bools(pc.fill_null(pc.is_in(words, pa.array(_MEMBER_WORDS)), False))
+    raise ConfigError(
+        f"{where} holds {kind} values, which cannot be audience membership; expected booleans "
+        "or true/false text (or list it under source.traits)"
+    )
+
+
+def _looks_boolean(values: pa.Array | pa.ChunkedArray, *, numbers: bool) -> bool:
+    """Inference: a boolean column, or (text, and with ``numbers`` 0/1) only boolean words."""
+    array = _flat(values)
+    kind = array.type
+    if pa.types.is_boolean(kind):
+        return True
+    if numbers and (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        present = array.drop_null()
+        return len(present) > 0 and bool(
+            pc.all(pc.is_in(present.cast(pa.float64()), pa.array([0.0, 1.0]))).as_py()
+        )
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        allowed = pa.array(_BOOLEAN_WORDS if numbers else ("true", "false", "yes", "no"))
+        # The first thousand cells settle most columns without a pass over all of them.
+        return _only_words(array.slice(0, 1000), allowed) is not False and bool(
+            _only_words(array, allowed)
+        )
+    return False
+
+
+def _only_words(text: pa.Array, allowed: pa.Array) -> bool | None:
+    """True: every non-blank cell is one of ``allowed``; False: one is not; None: all blank."""
+    words = pc.utf8_lower(pc.utf8_trim_whitespace(text.drop_null()))
+    words = words.filter(pc.not_equal(words, ""))  # a blank cell is an empty one
+    if len(words) == 0:
+        return None
+    return bool(pc.all(pc.is_in(words, allowed)).as_py())
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+def _key_map(names: Sequence[str], overrides: Mapping[str, str]) -> dict[str, str]:
+    """Each audience/trait name -> its key; ConfigError on an empty, reserved or shared key."""
+    keys: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for name in names:
+        key = overrides.get(name) or snake_case(name)
+        if not key:
+            raise ConfigError(
+                f"{name!r} gives an empty key; set one under [keys], e.g. {json.dumps(name)} = "
+                '"my_key"'
+            )
+        if key in _RESERVED_KEYS or key.startswith("_"):
+            raise ConfigError(
+                f"{name!r} gives the key {key!r}, which is reserved for the customer's own "
+                f'fields; set another under [keys], e.g. {json.dumps(name)} = "{key}_trait"'
+            )
+        if key in owner:
+            raise ConfigError(
+                f"{owner[key]!r} and {name!r} both give the key {key!r}; set one of them "
+                f'apart under [keys], e.g. {json.dumps(name)} = "{key}_2"'
+            )
+        owner[key] = name
+        keys[name] = key
+    return keys
+
+
+def _split(
+    names: Sequence[str],
+    source: SourceSettings,
+    is_audience: Callable[[str], bool],
+) -> tuple[list[str], list[str]]:
+    """Which names are audiences and which traits: as configured, else inferred."""
+    if source.audiences is not None and source.traits is not None:
+        return list(source.audiences), list(source.traits)
+    if source.audiences is not None:
+        chosen = set(source.audiences)
+        return list(source.audiences), [name for name in names if name not in chosen]
+    if source.traits is not None:
+        chosen = set(source.traits)
+        return [name for name in names if name not in chosen], list(source.traits)
+    audiences = [name for name in names if is_audience(name)]
+    traits = [name for name in names if name not in set(audiences)]
+    log.info("snapshot_keys_inferred", audiences=audiences, traits=traits)
+    return audiences, traits
+
+
+# -- layouts ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Invalid:
+    """Rows left out, collected as columns."""
+
+    ids: list[str | None] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+    def add(
+        self, ids: Sequence[str | None], where: tuple[list[str], list[int]], reason: str
+    ) -> None:
+        self.ids.extend(ids)
+        self.sources.extend(where[0])
+        self.rows.extend(where[1])
+        self.reasons.extend([reason] * len(ids))
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "customer_id": pd.array(self.ids, dtype=TEXT_DTYPE),
+                "source": pd.array(self.sources, dtype=TEXT_DTYPE),
+                "row": pd.array(self.rows, dtype="int64"),
+                "reason": pd.array(self.reasons, dtype=TEXT_DTYPE),
+            }
+        )
+
+    def counts(self) -> dict[str, int]:
+        return {reason: self.reasons.count(reason) for reason in dict.fromkeys(self.reasons)}
+
+
+@dataclass
+class _Users:
+    """Users (or rows) as columns: ids, name, email, and per name its members or typed values."""
+
+    ids: pa.Array
+    name: pa.Array
+    email: pa.Array
+    audiences: dict[str, Bools]
+    traits: dict[str, pa.Array]
+    fingerprints: tuple[U64, U64] | None = None  # of the ids, when already computed
+
+    def take(self, rows: Ints) -> _Users:
+        if len(rows) == len(self.ids) and np.array_equal(rows, np.arange(len(rows))):
+            return self
+        return _Users(
+            ids=_take(self.ids, rows),
+            name=_take(self.name, rows),
+            email=_take(self.email, rows),
+            audiences={name: flags[rows] for name, flags in self.audiences.items()},
+            traits={name: _take(values, rows) for name, values in self.traits.items()},
+            fingerprints=None
+            if self.fingerprints is None
+            else (self.fingerprints[0][rows], self.fingerprints[1][rows]),
+        )
+
+
+def _take(values: pa.Array, rows: Ints) -> pa.Array:
+    return values.take(pa.array(rows, type=pa.int64()))
+
+
+def _scatter(values: pa.Array, owners: Ints, size: int) -> pa.Array:
+    """A column of ``size`` users holding ``values[i]`` at ``owners[i]`` (null elsewhere)."""
+    source = np.full(size, -1, dtype=np.int64)
+    source[owners] = np.arange(len(owners))
+    return values.take(pa.array(source, mask=source < 0))
+
+
+def _codes(values: pa.Array) -> tuple[Ints, pa.Array]:
+    """Dense codes of ``values`` (first seen = 0) and the distinct values."""
+    encoded = pc.dictionary_encode(values)
+    codes = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.intp)
+    return codes, encoded.dictionary
+
+
+def _read_all(
+    files: Sequence[Path], wanted: Mapping[str, str], *, text: Iterable[str], only: bool
+) -> tuple[pa.Table, _Origin]:
+    """Every file, checked for the ``wanted`` columns (column -> setting), concatenated.
+
+    ``only`` keeps just the wanted columns (Parquet then reads nothing else).
+    """
+    tables = []
+    for path in files:
+        table = _read_file(path, text, list(wanted) if only else None)
+        _require(table, path, wanted)
+        tables.append(table.select(list(wanted)) if only else table)
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ConfigError(
+            f"the snapshot files do not share column types ({', '.join(map(str, files))}): "
+            f"{exc}; give every file the same columns"
+        ) from exc
+    return table, _Origin.of(files, tables)
+
+
+def _own_columns(source: SourceSettings) -> dict[str, str]:
+    """The id, name and email columns (column -> setting): never audiences or traits."""
+    own = {source.id_column: "source.id_column"}
+    for column, setting in ((source.name_column, "name"), (source.email_column, "email")):
+        if column:
+            own[column] = f"source.{setting}_column"
+    return own
+
+
+def _optional_text(table: pa.Table, column: str | None) -> pa.Array:
+    if column is None:
+        return pa.nulls(table.num_rows, pa.string())
+    return _plain_text(table.column(column))
+
+
+def _without_missing_ids(ids: pa.Array, origin: _Origin, invalid: _Invalid) -> Bools:
+    """Rows with an id; the others are recorded as ``missing_id``."""
+    missing = _bools(ids.is_null())
+    if missing.any():
+        where = np.flatnonzero(missing)
+        invalid.add([None] * len(where), origin.locate(where), MISSING_ID)
+    return ~missing
+
+
+def _void(ids: pa.Array, rows: Ints, origin: _Origin, invalid: _Invalid, reason: str) -> None:
+    if len(rows):
+        invalid.add(_take(ids, rows).to_pylist(), origin.locate(rows), reason)
+
+
+def _wide(files: Sequence[Path], source: SourceSettings, invalid: _Invalid) -> _Users:
+    own = _own_columns(source)
+    configured = dict.fromkeys(source.audiences or (), "source.audiences")
+    configured |= dict.fromkeys(source.traits or (), "source.traits")
+    only = source.audiences is not None and source.traits is not None
+    table, origin = _read_all(files, {**own, **configured}, text=own, only=only)
+    names = [column for column in table.column_names if column not in own]
+    audiences, traits = _split(
+        names, source, lambda name: _looks_boolean(table.column(name), numbers=False)
+    )
+    rows = _Users(
+        ids=_plain_text(table.column(source.id_column)),
+        name=_optional_text(table, source.name_column),
+        email=_optional_text(table, source.email_column),
+        audiences={
+            name: _members(table.column(name), f"audience column {name!r}") for name in audiences
+        },
+        traits={name: _flat(table.column(name)) for name in traits},
+    )
+    valid = np.flatnonzero(_without_missing_ids(rows.ids, origin, invalid))
+    rows = rows.take(valid)
+    rows.fingerprints = id_fingerprints(rows.ids)
+    return rows.take(_deduplicate(rows, origin.subset(valid), invalid))
+
+
+def _deduplicate(rows: _Users, origin: _Origin, invalid: _Invalid) -> Ints:
+    """The rows to keep: one per id; ids whose rows disagree are voided."""
+    candidates = np.arange(len(rows.ids))
+    assert rows.fingerprints is not None  # set by the caller
+    repeated = np.asarray(pd.Index(rows.fingerprints[0]).duplicated(keep=False), dtype=bool)
+    if not repeated.any():
+        return candidates
+    # Only rows whose id fingerprint repeats are compared, value by value, as rendered.
+    suspects = candidates[repeated]
+    some = rows.take(suspects)
+    frame = pd.DataFrame(
+        {
+            "id": some.ids.to_pylist(),
+            "name": some.name.to_pylist(),
+            "email": some.email.to_pylist(),
+            **{f"a:{name}": flags for name, flags in some.audiences.items()},
+            **{f"t:{name}": render(values).to_pylist() for name, values in some.traits.items()},
+        },
+        index=suspects,
+    )
+    distinct = frame.drop_duplicates()
+    conflicting = frame["id"].isin(set(distinct["id"][distinct["id"].duplicated()]))
+    bad = frame.index[conflicting].to_numpy()
+    _void(rows.ids, bad, origin, invalid, CONFLICTING_DUPLICATE)
+    repeats = frame.index[frame["id"].duplicated() & ~conflicting].to_numpy()
+    keep: Bools = ~np.isin(candidates, np.concatenate([bad, repeats]))
+    return candidates[keep]
+
+
+def _long(files: Sequence[Path], source: SourceSettings, invalid: _Invalid) -> _Users:
+    wanted = {
+        source.id_column: "source.id_column",
+        source.key_column: "source.key_column",
+        source.value_column: "source.value_column",
+    }
+    # CSV text stays text: in one value column of mixed keys a type guess means nothing.
+    table, origin = _read_all(files, wanted, text=wanted, only=True)
+    ids = _plain_text(table.column(source.id_column))
+    keys = _plain_text(table.column(source.key_column))
+    valid = _without_missing_ids(ids, origin, invalid)
+    keyless = valid & _bools(keys.is_null())
+    _void(ids, np.flatnonzero(keyless), origin, invalid, MISSING_KEY)
+    rows = np.flatnonzero(valid & ~keyless)
+    values = _take(_flat(table.column(source.value_column)), rows)
+    user_of, user_ids = _codes(_take(ids, rows))
+    key_of, key_names = _codes(_take(keys, rows))
+
+    # One value per (user, key): identical repeats collapse; disagreeing ones void the user.
+    pair = user_of.astype(np.int64) * len(key_names) + key_of
+    conflicting = np.zeros(len(user_ids), dtype=bool)
+    repeated = np.flatnonzero(pd.Index(pair).duplicated(keep=False))
+    if len(repeated):
+        texts = pd.Series(_take(render(values), repeated).to_pylist(), dtype=object)
+        spread = texts.groupby(pair[repeated]).nunique(dropna=False)
+        bad_pairs = spread.index[spread.to_numpy() > 1].to_numpy()
+        conflicting[(bad_pairs // len(key_names)).astype(np.intp)] = True
+        _void(ids, rows[conflicting[user_of]], origin, invalid, CONFLICTING_DUPLICATE)
+    kept = np.flatnonzero(~conflicting)
+    renumber = np.full(len(user_ids), -1, dtype=np.intp)
+    renumber[kept] = np.arange(len(kept))
+    use = ~np.asarray(pd.Index(pair).duplicated(keep="first"), dtype=bool) & ~conflicting[user_of]
+
+    columns: dict[str, pa.Array] = {}
+    for code, key in enumerate(key_names.to_pylist()):
+        chosen = np.flatnonzero(use & (key_of == code))
+        columns[str(key)] = _scatter(_take(values, chosen), renumber[user_of[chosen]], len(kept))
+    absent = pa.nulls(len(kept), pa.string())
+    name = _plain_text(columns.pop(source.name_column, absent)) if source.name_column else absent
+    email = _plain_text(columns.pop(source.email_column, absent)) if source.email_column else absent
+    for configured in (*(source.audiences or ()), *(source.traits or ())):
+        if configured not in columns:
+            log.info("snapshot_key_without_rows", key=configured)
+            columns[configured] = absent
+    names = sorted(columns)
+    audiences, traits = _split(
+        names, source, lambda key: _looks_boolean(columns[key], numbers=True)
+    )
+    return _Users(
+        ids=_take(user_ids, kept),
+        name=name,
+        email=email,
+        audiences={key: _members(columns[key], f"audience {key!r}") for key in audiences},
+        traits={key: columns[key] for key in traits},
+    )
+
+
+def _membership(files: Sequence[Path], source: SourceSettings, invalid: _Invalid) -> _Users:
+    if source.traits:
+        raise ConfigError(
+            "the membership layout lists audience members only; remove source.traits or use "
+            "the wide or long layout"
+        )
+    by_audience = {_stem(path): path for path in files}
+    chosen = list(source.audiences) if source.audiences is not None else sorted(by_audience)
+    lacking = [name for name in chosen if name not in by_audience]
+    if lacking:
+        raise ConfigError(
+            f"no membership file for audience {lacking[0]!r} among "
+            f"{', '.join(map(str, files))}; name the file after the audience, e.g. "
+            f"'{lacking[0]}.csv', or remove it from source.audiences"
+        )
+    paths = [by_audience[name] for name in chosen]
+    own = _own_columns(source)
+    table, origin = _read_all(paths, own, text=own, only=True)
+    audience_of = np.searchsorted(origin.starts, np.arange(table.num_rows), side="right") - 1
+    ids = _plain_text(table.column(source.id_column))
+    rows = np.flatnonzero(_without_missing_ids(ids, origin, invalid))
+    user_of, user_ids = _codes(_take(ids, rows))
+    name = _take(_optional_text(table, source.name_column), rows)
+    email = _take(_optional_text(table, source.email_column), rows)
+    # A user's rows differ by audience, but must not by name or email.
+    conflicting = _disagree(user_of, name, len(user_ids)) | _disagree(user_of, email, len(user_ids))
+    _void(ids, rows[conflicting[user_of]], origin, invalid, CONFLICTING_DUPLICATE)
+    kept = np.flatnonzero(~conflicting)
+    renumber = np.full(len(user_ids), -1, dtype=np.intp)
+    renumber[kept] = np.arange(len(kept))
+    use = np.flatnonzero(~conflicting[user_of])
+    owner = renumber[user_of[use]]
+    audiences = {}
+    for index, audience in enumerate(chosen):
+        flags = np.zeros(len(kept), dtype=bool)
+        flags[owner[audience_of[rows[use]] == index]] = True
+        audiences[audience] = flags
+    return _Users(
+        ids=_take(user_ids, kept),
+        name=_first_present(_take(name, use), owner, len(kept)),
+        email=_first_present(_take(email, use), owner, len(kept)),
+        audiences=audiences,
+        traits={},
+    )
+
+
+def _disagree(owner: Ints, values: pa.Array, size: int) -> Bools:
+    """Per user: its rows hold more than one distinct non-null value."""
+    present = np.flatnonzero(_bools(values.is_valid()))
+    result = np.zeros(size, dtype=bool)
+    if len(present):
+        texts = pd.Series(_take(values, present).to_pylist(), dtype=object)
+        spread = texts.groupby(owner[present]).nunique()
+        result[spread.index[spread.to_numpy() > 1].to_numpy()] = True
+    return result
+
+
+def _first_present(values: pa.Array, owner: Ints, size: int) -> pa.Array:
+    """Per user, the first non-null value among its rows."""
+    present = np.flatnonzero(_bools(values.is_valid()))
+    users, first = np.unique(owner[present], return_index=True)
+    return _scatter(_take(values, present[first]), users, size)
+
+
+# -- the snapshot ----------------------------------------------------------------------------
+
+
+_LAYOUTS: Final = {"wide": _wide, "long": _long, "membership": _membership}
+
+
+def read_snapshot(source: SourceSettings, key_overrides: Mapping[str, str]) -> Snapshot:
+    """Read, validate and normalise the snapshot ``source`` describes."""
+    reader = _LAYOUTS.get(source.layout)
+    if reader is None:
+        raise ConfigError(
+            f"unknown source.layout {source.layout!r}; use one of {', '.join(_LAYOUTS)}"
+        )
+    files = resolve_files(source.path)
+    invalid = _Invalid()
+    users = reader(files, source, invalid)
+    keys = _key_map([*users.audiences, *users.traits], key_overrides)
+    for name, values in users.traits.items():
+        if len(values) and values.null_count == len(values):
+            log.warning(
+                "snapshot_column_empty",
+                column=name,
+                hint="an empty column is read as a trait; list audiences under source.audiences",
+            )
+    frame = _frame(users, keys)
+    snapshot = Snapshot(
+        users=frame,
+        audience_keys=tuple(keys[name] for name in users.audiences),
+        trait_keys=tuple(keys[name] for name in users.traits),
+        key_names={key: name for name, key in keys.items()},
+        invalid=invalid.frame(),
+        invalid_counts=invalid.counts(),
+        files=tuple(str(path) for path in files),
+    )
+    log.info(
+        "snapshot_read",
+        files=len(files),
+        users=len(frame),
+        audiences=len(snapshot.audience_keys),
+        traits=len(snapshot.trait_keys),
+        invalid=dict(snapshot.invalid_counts),
+    )
+    return snapshot
+
+
+def _frame(users: _Users, keys: Mapping[str, str]) -> pd.DataFrame:
+    """The canonical users frame, fingerprints included."""
+    size = len(users.ids)
+    fingerprint = RecordFingerprint(size)
+    data: dict[str, object] = {}
+    for column, values in (("name", users.name), ("email", users.email)):
+        fingerprint.add_strings(column, values)
+        data[column] = _text_array(values)
+    for name, flags in users.audiences.items():
+        fingerprint.add_flag(keys[name], flags)
+        codes = np.where(flags, 1, -1).astype(np.int8)
+        data[keys[name]] = pd.Categorical.from_codes(codes, dtype=AUDIENCE_DTYPE)
+    for name, raw in users.traits.items():
+        text = render(raw)
+        if _is_number(raw.type):
+            # Hash the typed numbers: no need to hash their text again (see sync.fingerprint).
+            fingerprint.add_numbers(keys[name], raw)
+        else:
+            fingerprint.add_strings(keys[name], text)
+        data[keys[name]] = _text_array(text)
+    data[HASH] = fingerprint.finish()
+    data[ID_HASH], data[ID_CHECK] = users.fingerprints or id_fingerprints(users.ids)
+    index = pd.Index(_text_array(users.ids), name=INDEX_NAME)
+    frame = pd.DataFrame(data, index=index)
+    return frame[
+        ["name", "email", *(keys[n] for n in (*users.audiences, *users.traits)), *FINGERPRINTS]
+    ]
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_boolean(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind)
+    )
+
+
+def _text_array(values: pa.Array) -> pd.arrays.ArrowStringArray:
+    return pd.arrays.ArrowStringArray(pa.chunked_array([values.cast(pa.string())]))

@@ -1,0 +1,300 @@
+"""The diff's rules, one table case at a time, and the state it advances."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sync.diff import (
+    Diff,
+    KnownState,
+    Snapshot,
+    acknowledged_rows,
+    apply_acknowledged,
+    diff,
+)
+from sync.model import KeyStats
+
+AUDIENCES = ("vip", "cart")
+TRAITS = ("plan",)
+Row = Mapping[str, str | None]
+
+
+def _frame(rows: Mapping[str, Row], keys: Sequence[str]) -> pd.DataFrame:
+    columns = ["name", "email", *keys]
+    data = {column: [row.get(column) for row in rows.values()] for column in columns}
+    index = pd.Index(list(rows), dtype="string", name="customer_id")
+    return pd.DataFrame(data, index=index, dtype="string")
+
+
+def _snapshot(
+    rows: Mapping[str, Row], audiences: Sequence[str] = AUDIENCES, traits: Sequence[str] = TRAITS
+) -> Snapshot:
+    return Snapshot.from_users(_frame(rows, (*audiences, *traits)), audiences, traits)
+
+
+def _state(
+    rows: Mapping[str, Row], audiences: Sequence[str] = AUDIENCES, traits: Sequence[str] = TRAITS
+) -> KnownState:
+    """A state as another tool might hand it over: plain strings, no fingerprints."""
+    return KnownState(_frame(rows, (*audiences, *traits)), tuple(audiences), tuple(traits))
+
+
+def _synced(snapshot: Snapshot) -> KnownState:
+    """The state after ``snapshot`` was fully delivered from an empty state."""
+    result = diff(snapshot, KnownState.empty())
+    return apply_acknowledged(KnownState.empty(), result, result.desired.index)
+
+
+def _desired(result: Diff) -> dict[str, dict[str, str]]:
+    """``{id: {field: value}}`` of the users to send, absent values and fingerprints left out."""
+    users = result.desired.drop(columns=["_hash", "_id_hash", "_id_check"])
+    return {
+        str(customer_id): {k: str(v) for k, v in row.items() if not pd.isna(v)}
+        for customer_id, row in users.iterrows()
+    }
+
+
+def _kinds(result: Diff) -> dict[str, str]:
+    return {str(k): str(v) for k, v in result.kinds.items()}
+
+
+def test_first_run_sends_members_and_trait_holders_only() -> None:
+    """With no state, members and trait holders are added, without any "false"."""
+    result = diff(
+        _snapshot(
+            {
+                "u1": {"name": "Ann", "vip": "true", "plan": "gold"},
+                "u2": {"plan": "silver"},
+                "u3": {"name": "Nobody"},
+            }
+        ),
+        KnownState.empty(),
+    )
+    assert _desired(result) == {
+        "u1": {"name": "Ann", "vip": "true", "plan": "gold"},
+        "u2": {"plan": "silver"},
+    }
+    assert _kinds(result) == {"u1": "added", "u2": "added"}
+    summary = result.summary
+    assert (summary.added, summary.changed, summary.exited, summary.unchanged) == (2, 0, 0, 1)
+    assert summary.to_send == 2
+    assert summary.new_keys == ("vip", "cart", "plan")
+
+
+def test_leaving_an_audience_sends_false_and_never_members_stay_absent() -> None:
+    """A member who leaves gets "false"; keys it never held stay absent."""
+    state = _synced(_snapshot({"u1": {"vip": "true", "plan": "gold"}}))
+    result = diff(_snapshot({"u1": {"plan": "gold"}}), state)
+    assert _desired(result) == {"u1": {"vip": "false", "plan": "gold"}}
+    assert _kinds(result) == {"u1": "changed"}
+    assert result.summary.keys[0] == KeyStats(key="vip", kind="audience", exited=1)
+
+
+def test_a_stored_false_is_not_sent_again() -> None:
+    """A non-member whose stored value is already "false" is unchanged."""
+    state = _state({"u1": {"vip": "false", "plan": "gold"}})
+    result = diff(_snapshot({"u1": {"plan": "gold"}}), state)
+    assert result.summary.to_send == 0
+    assert result.summary.unchanged == 1
+
+
+def test_rejoining_an_audience_is_an_entry() -> None:
+    """A user whose stored value is "false" and who is a member again is sent "true"."""
+    state = _state({"u1": {"vip": "false"}})
+    result = diff(_snapshot({"u1": {"vip": "true"}}), state)
+    assert _desired(result) == {"u1": {"vip": "true"}}
+    assert result.summary.keys[0] == KeyStats(key="vip", kind="audience", members=1, entered=1)
+
+
+def test_a_trait_that_goes_null_is_absent() -> None:
+    """A trait value that disappears is a change to absent."""
+    state = _state({"u1": {"vip": "true", "plan": "gold"}})
+    result = diff(_snapshot({"u1": {"vip": "true"}}), state)
+    assert _desired(result) == {"u1": {"vip": "true"}}
+    assert result.summary.keys[2] == KeyStats(key="plan", kind="trait", changed=1)
+
+
+def test_missing_user_exits_with_false_and_keeps_name() -> None:
+    """A stored user missing from the snapshot is sent "false" for what it held, no traits."""
+    state = _state(
+        {
+            "u1": {"name": "Ann", "email": "a@x.io", "vip": "true", "cart": "false", "plan": "x"},
+            "u2": {"name": "Old", "vip": "false"},
+            "u3": {"vip": "true"},
+        }
+    )
+    result = diff(_snapshot({"u3": {"vip": "true"}}), state)
+    assert _desired(result) == {
+        "u1": {"name": "Ann", "email": "a@x.io", "vip": "false", "cart": "false"}
+    }
+    assert _kinds(result) == {"u1": "exited"}
+    summary = result.summary
+    assert (summary.exited, summary.unchanged) == (1, 2)
+    assert result.mass_exit_fraction == pytest.approx(1 / 3)
+
+
+def test_name_from_snapshot_or_else_as_stored() -> None:
+    """A new name is a change; a snapshot without a name keeps the stored one."""
+    state = _state({"u1": {"name": "Ann", "vip": "true"}, "u2": {"name": "Bob", "vip": "true"}})
+    result = diff(
+        _snapshot({"u1": {"name": "Anna", "vip": "true"}, "u2": {"cart": "true", "vip": "true"}}),
+        state,
+    )
+    assert _desired(result) == {
+        "u1": {"name": "Anna", "vip": "true"},
+        "u2": {"name": "Bob", "vip": "true", "cart": "true"},
+    }
+
+
+def test_full_sends_everyone_who_has_or_had_a_value() -> None:
+    """--full sends every snapshot user with a current or stored value and every exit."""
+    state = _state(
+        {"u1": {"vip": "true"}, "u2": {"vip": "false"}, "u3": {"cart": "false"}, "u4": {}}
+    )
+    result = diff(
+        _snapshot({"u1": {"vip": "true"}, "u2": {}, "u5": {"plan": "p"}, "u6": {}}),
+        state,
+        full=True,
+    )
+    assert _kinds(result) == {
+        "u1": "unchanged",
+        "u2": "unchanged",
+        "u5": "added",
+        "u3": "unchanged",
+    }
+    assert _desired(result)["u3"] == {"cart": "false"}
+    assert result.summary.to_send == 4
+    assert (result.summary.added, result.summary.changed, result.summary.exited) == (1, 0, 0)
+
+
+def test_keys_no_longer_managed_are_left_alone_and_dropped() -> None:
+    """A key the snapshot no longer has is neither sent nor kept in the next state."""
+    state = _synced(_snapshot({"u1": {"vip": "true", "cart": "true"}}))
+    result = diff(_snapshot({"u1": {"vip": "true"}}, audiences=("vip", "loyal")), state)
+    assert result.summary.to_send == 0
+    assert result.dropped_keys == ("cart",)
+    assert result.summary.new_keys == ("loyal",)
+    after = apply_acknowledged(state, result, [])
+    assert list(after.users.columns[:3]) == ["name", "email", "vip"]
+    assert "cart" not in after.users.columns
+    assert after.audience_keys == ("vip", "loyal")
+
+
+def test_only_acknowledged_users_advance() -> None:
+    """A user whose upsert failed keeps its old row, so the next diff sends it again."""
+    state = _synced(_snapshot({"u1": {"vip": "true"}, "u2": {"vip": "true"}}))
+    second = _snapshot({"u1": {"plan": "a"}, "u2": {"plan": "b"}})
+    result = diff(second, state)
+    assert sorted(result.desired.index) == ["u1", "u2"]
+    after = apply_acknowledged(state, result, ["u2"])
+    assert list(after.users.index) == ["u1", "u2"]
+    again = diff(second, after)
+    assert list(again.desired.index) == ["u1"]
+    assert _desired(again) == {"u1": {"vip": "false", "plan": "a"}}
+
+
+def test_new_users_are_inserted_in_id_order() -> None:
+    """The state stays sorted by id when acknowledged users are new."""
+    state = _synced(_snapshot({"b": {"vip": "true"}, "d": {"vip": "true"}}))
+    snapshot = _snapshot(
+        {"d": {"vip": "true"}, "c": {"vip": "true"}, "a": {"vip": "true"}, "b": {"vip": "true"}}
+    )
+    result = diff(snapshot, state)
+    after = apply_acknowledged(state, result, result.desired.index)
+    assert list(after.users.index) == ["a", "b", "c", "d"]
+    assert diff(snapshot, after).summary.to_send == 0
+
+
+def test_acknowledging_an_id_that_was_not_sent_is_an_error() -> None:
+    """Acknowledged ids must come from the diff: anything else is a caller bug."""
+    result = diff(_snapshot({"u1": {"vip": "true"}}), KnownState.empty())
+    with pytest.raises(ValueError, match="did not send"):
+        apply_acknowledged(KnownState.empty(), result, ["u9"])
+
+
+def test_acknowledged_rows_are_full_stored_rows() -> None:
+    """A checkpoint row holds every managed key and the fingerprints of the user."""
+    result = diff(_snapshot({"u1": {"vip": "true"}, "u2": {"plan": "x"}}), KnownState.empty())
+    rows = acknowledged_rows(result, ["u2"])
+    assert list(rows.index) == ["u2"]
+    assert list(rows.columns) == ["name", "email", "vip", "cart", "plan", *FINGERPRINT_COLUMNS]
+    assert rows.loc["u2", "plan"] == "x"
+    assert rows.loc["u2", "_hash"] != 0
+
+
+FINGERPRINT_COLUMNS = ["_hash", "_id_hash", "_id_check"]
+
+
+def test_samples_show_only_differing_fields_lowest_ids_first() -> None:
+    """Samples are capped per kind, sorted by id, with before -> after of changed fields."""
+    state = _state({"u9": {"name": "N", "vip": "true", "plan": "a"}, "u8": {"vip": "true"}})
+    result = diff(
+        _snapshot({"u9": {"vip": "true", "plan": "b"}, "c": {"vip": "true"}, "b": {"plan": "p"}}),
+        state,
+        samples=1,
+    )
+    samples = {
+        (s.kind, s.customer_id): (dict(s.before), dict(s.after)) for s in result.summary.samples
+    }
+    assert samples == {
+        ("added", "b"): ({"plan": None}, {"plan": "p"}),
+        ("changed", "u9"): ({"plan": "a"}, {"plan": "b"}),
+        ("exited", "u8"): ({"vip": "true"}, {"vip": "false"}),
+    }
+
+
+def test_samples_can_be_turned_off() -> None:
+    """samples=0 gives no samples."""
+    result = diff(_snapshot({"u1": {"vip": "true"}}), KnownState.empty(), samples=0)
+    assert result.summary.samples == ()
+
+
+def test_ids_sharing_a_fingerprint_fall_back_to_an_exact_match() -> None:
+    """If stored id fingerprints repeat, users are still matched by their exact ids."""
+    state = _synced(_snapshot({"u1": {"vip": "true"}, "u2": {"plan": "x"}}))
+    forged = state.users.copy()
+    forged["_id_hash"] = np.uint64(7)
+    result = diff(
+        _snapshot({"u1": {"vip": "true"}, "u2": {"plan": "y"}}),
+        KnownState(forged, state.audience_keys, state.trait_keys),
+    )
+    assert _desired(result) == {"u2": {"plan": "y"}}
+    assert _kinds(result) == {"u2": "changed"}
+
+
+def test_a_state_without_fingerprints_diffs_the_same() -> None:
+    """Rows restored without fingerprints are compared value by value, with the same result."""
+    rows: dict[str, Row] = {"u1": {"vip": "true", "plan": "a"}, "u2": {"cart": "true"}}
+    snapshot = _snapshot({"u1": {"vip": "true", "plan": "b"}, "u3": {"vip": "true"}})
+    with_fingerprints = diff(snapshot, _synced(_snapshot(rows)))
+    without = diff(snapshot, _state(rows))
+    assert _desired(with_fingerprints) == _desired(without)
+    assert _kinds(with_fingerprints) == _kinds(without)
+    assert with_fingerprints.summary == without.summary
+
+
+def test_stale_fingerprints_are_refreshed_for_unchanged_users() -> None:
+    """Users found unchanged value by value get the snapshot's fingerprint in the next state."""
+    state = _state({"u1": {"vip": "true"}})
+    snapshot = _snapshot({"u1": {"vip": "true"}})
+    result = diff(snapshot, state)
+    assert result.summary.to_send == 0
+    after = apply_acknowledged(state, result, [])
+    assert after.users.loc["u1", "_hash"] == snapshot.users.loc["u1", "_hash"]
+
+
+def _ids(values: Iterable[object]) -> list[str]:
+    return sorted(str(value) for value in values)
+
+
+def test_ids_by_kind() -> None:
+    """Diff.ids lists the users to send of one kind."""
+    state = _state({"u1": {"vip": "true"}, "u2": {"vip": "true"}})
+    result = diff(_snapshot({"u1": {"vip": "true", "plan": "x"}, "u3": {"vip": "true"}}), state)
+    assert _ids(result.ids("added")) == ["u3"]
+    assert _ids(result.ids("changed")) == ["u1"]
+    assert _ids(result.ids("exited")) == ["u2"]
