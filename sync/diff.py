@@ -52,6 +52,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Final, Literal
 
 import numpy as np
@@ -203,6 +204,12 @@ class Diff:
     dropped_keys: tuple[str, ...] = ()
     refreshed: pd.DataFrame = field(default_factory=lambda: _fingerprint_frame(0))
 
+    @cached_property
+    def _lookup(self) -> pd.Index:
+        """The id fingerprints of ``desired`` as a hash table, built once for all checkpoints."""
+        table: pd.Index = pd.Index(self.desired[ID_HASH].to_numpy(dtype=np.uint64))
+        return table
+
     def ids(self, kind: Kind) -> pd.Index:
         """The ids of the users of one kind among those to send."""
         return self.desired.index[(self.kinds == kind).to_numpy()]
@@ -313,13 +320,17 @@ def record_fingerprints(
 # -- matching --------------------------------------------------------------------------------
 
 
-def _match(snapshot: pd.DataFrame, state: pd.DataFrame) -> Ints:
-    """For each snapshot user, its row in the state, or -1."""
+def _match(snapshot: pd.DataFrame, state: pd.DataFrame, table: pd.Index | None = None) -> Ints:
+    """For each snapshot user, its row in the state, or -1.
+
+    ``table`` is the state's ``_id_hash`` as an index, when the caller keeps one at hand.
+    """
     if len(state) == 0:
         return np.full(len(snapshot), -1, dtype=np.intp)
     snap_hash, snap_check = _id_fingerprints(snapshot)
     state_hash, state_check = _id_fingerprints(state)
-    table = pd.Index(pd.array(state_hash, dtype="uint64"))
+    if table is None:
+        table = pd.Index(pd.array(state_hash, dtype="uint64"))
     if table.is_unique:
         positions = np.asarray(table.get_indexer(pd.Index(snap_hash)), dtype=np.intp)
         found = positions >= 0
@@ -328,9 +339,6 @@ def _match(snapshot: pd.DataFrame, state: pd.DataFrame) -> Ints:
     # Two ids share 64 bits of fingerprint (or the state repeats an id): join exactly instead.
     exact = pc.index_in(_ids(snapshot), value_set=_ids(state))
     return np.asarray(exact.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.intp)
-
-
-# -- the diff --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -646,7 +654,8 @@ def acknowledged_rows(result: Diff, ids: Iterable[str]) -> pd.DataFrame:
     included.
     """
     wanted = list(dict.fromkeys(ids))
-    positions = result.desired.index.get_indexer(pd.Index(wanted, dtype=TEXT_DTYPE))
+    probe = pd.DataFrame(index=pd.Index(pd.array(wanted, dtype=TEXT_DTYPE)))
+    positions = _match(probe, result.desired, result._lookup)
     if (positions < 0).any():
         unknown = [wanted[i] for i in np.flatnonzero(positions < 0)[:3]]
         raise ValueError(f"acknowledged ids that this diff did not send, e.g. {unknown}")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from sync.config import SourceSettings
 from sync.diff import (
     Diff,
     KnownState,
@@ -17,6 +19,7 @@ from sync.diff import (
     diff,
 )
 from sync.model import KeyStats
+from sync.snapshot import read_snapshot
 
 AUDIENCES = ("vip", "cart")
 TRAITS = ("plan",)
@@ -298,3 +301,16 @@ def test_ids_by_kind() -> None:
     assert _ids(result.ids("added")) == ["u3"]
     assert _ids(result.ids("changed")) == ["u1"]
     assert _ids(result.ids("exited")) == ["u2"]
+
+
+def test_bundled_samples_give_the_documented_counts() -> None:
+    """examples/engage: 37 users added first, then 2 added, 15 changed and 1 exited."""
+    examples = Path(__file__).resolve().parent.parent / "examples" / "engage"
+    source = {"name_column": "name", "email_column": "email"}
+    first = read_snapshot(SourceSettings(path=str(examples / "snapshot-1.csv"), **source), {})
+    second = read_snapshot(SourceSettings(path=str(examples / "snapshot-2.csv"), **source), {})
+    initial = diff(first, KnownState.empty())
+    assert initial.summary.added == 37
+    state = apply_acknowledged(KnownState.empty(), initial, initial.desired.index)
+    summary = diff(second, state).summary
+    assert (summary.added, summary.changed, summary.exited) == (2, 15, 1)

@@ -433,3 +433,29 @@ def test_float_rendering_matches_wire_value(values: list[float]) -> None:
 def test_text_rendering_matches_wire_value(values: list[str | None]) -> None:
     """Column-wise text rendering (dimension rule) gives exactly keys.wire_value."""
     assert render(pa.array(values, pa.string())).to_pylist() == [wire_value(v) for v in values]
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "engage"
+
+
+@pytest.mark.parametrize("number", [1, 2])
+def test_bundled_wide_and_long_samples_hold_the_same_users(number: int) -> None:
+    """The sample snapshots read the same users and values in the wide and long layouts."""
+    fields = {"name_column": "name", "email_column": "email"}
+    wide = _read(EXAMPLES / f"snapshot-{number}.csv", **fields)
+    long = _read(EXAMPLES / "long" / f"snapshot-{number}.csv", layout="long", **fields)
+    membership = _read(
+        EXAMPLES / "membership" / f"snapshot-{number}", layout="membership", **fields
+    )
+    assert _records(wide) == _records(long)
+    assert wide.invalid_counts == {"missing_id": 1, "conflicting_duplicate": 2}
+    assert set(membership.audience_keys) == set(wide.audience_keys)
+    members = {
+        user: {key: value for key, value in values.items() if key in wide.audience_keys}
+        for user, values in _records(membership).items()
+    }
+    assert all(
+        members[user] == {k: v for k, v in values.items() if k in wide.audience_keys}
+        for user, values in _records(wide).items()
+        if user in members
+    )
