@@ -10,15 +10,19 @@ Sources: a file, a glob or a folder (every supported file in it, sorted by name)
   name is the file name without its extensions.
 
 Audiences and traits are taken from the configuration, else inferred: boolean columns (wide) or
-boolean-looking values (long: every value one of true/false/yes/no/1/0) are audiences, the rest
-traits. An audience cell is a member when it is a boolean true, ``true``/``yes``/``1`` in any
-case, or the number 1. Trait values keep their types and are rendered as on the wire
-(:func:`sync.keys.wire_value`): an integer column with nulls still renders ``5``.
+boolean-looking values (wide: text of true/false/yes/no only; long: every value one of
+true/false/yes/no/1/0) are audiences, the rest traits; an empty column is a trait, so list
+audiences that may have no member under ``source.audiences``. An audience cell is a member when
+it is a boolean true, ``true``/``yes``/``1`` in any case, or the number 1. Trait values keep
+their types and are rendered as on the wire (:func:`sync.keys.wire_value`): an integer column
+with nulls still renders ``5``.
 
 Rows with a null or empty id (``missing_id``), or rows of one id that disagree
 (``conflicting_duplicate``, every row of that id), are left out and reported; identical
-duplicates collapse into one. A missing column or a bad setting raises ``ConfigError``; an
-unreadable file raises ``SourceError``; both name the file and the fix.
+duplicates collapse into one. In the long layout a repeat disagrees only when one key of one
+user gets two values, and a row without a key is ``missing_key``. A missing column or a bad
+setting raises ``ConfigError``; an unreadable file raises ``SourceError``; both name the file
+and the fix.
 """
 
 from __future__ import annotations
@@ -229,8 +233,8 @@ def _bools(values: pa.Array | pa.ChunkedArray) -> Bools:
     return np.asarray(values.to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def _python_text(values: pa.Array, render: Callable[[object], str | None]) -> pa.Array:
-    return pa.array([render(value) for value in values.to_pylist()], pa.string())
+def _python_text(values: pa.Array, formatter: Callable[[object], str | None]) -> pa.Array:
+    return pa.array([formatter(value) for value in values.to_pylist()], pa.string())
 
 
 def _float_text(values: pa.Array) -> pa.Array:

@@ -459,3 +459,14 @@ def test_bundled_wide_and_long_samples_hold_the_same_users(number: int) -> None:
         for user, values in _records(wide).items()
         if user in members
     )
+
+
+def test_long_rows_without_a_key_are_invalid(tmp_path: Path) -> None:
+    """A long row with an id but no key is left out as missing_key; its user's other rows stay."""
+    rows = [
+        {"user_id": "u1", "name": "", "value": "gold"},
+        {"user_id": "u1", "name": "plan", "value": "gold"},
+    ]
+    snapshot = _read(_write_csv(tmp_path / "s.csv", rows), layout="long")
+    assert _records(snapshot) == {"u1": {"plan": "gold"}}
+    assert snapshot.invalid_counts == {"missing_key": 1}
