@@ -21,7 +21,7 @@ import pytest
 from sync.errors import LockHeldError, StateError
 from sync.state import FORMAT_VERSION, StateStore, StoredState
 from sync.state._atomic import atomic_write, atomic_write_bytes
-from sync.state._frames import to_table
+from sync.state._frames import decode_categories, encode_categories, to_table
 
 RUN_1 = "20250101T000000Z-aaaaaa"
 RUN_2 = "20250102T000000Z-bbbbbb"
@@ -148,8 +148,18 @@ def test_table_conversion_matches_pyarrow_from_pandas() -> None:
     """The fast conversion produces exactly pyarrow's own table, metadata included."""
     users = users_frame({"alice": ALICE, "bob": BOB})
     expected = pa.Table.from_pandas(users, preserve_index=True)
-    actual = to_table(users)
-    assert actual.equals(expected, check_metadata=True)
+    assert to_table(users).equals(expected, check_metadata=True)
+
+
+def test_categoricals_are_stored_as_codes_and_decoded_exactly() -> None:
+    """On disk a categorical is its int codes (-1 = NA); decoding restores the same table."""
+    users = users_frame({"alice": ALICE, "bob": BOB, "carol": CAROL})
+    users["kind"] = pd.Categorical(["x", "y", None], categories=["y", "x"], ordered=True)
+    table = to_table(users)
+    encoded = encode_categories(table)
+    assert encoded.column("vip_users").to_pylist() == [1, -1, 0]
+    assert encoded.column("kind").to_pylist() == [1, 0, -1]
+    assert decode_categories(encoded).equals(table, check_metadata=True)
 
 
 @pytest.mark.parametrize(

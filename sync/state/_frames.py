@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 DEFAULT_INDEX_NAME = "customer_id"
+# Schema metadata listing the categorical columns stored as their integer codes.
+_CATEGORIES_META = b"amberflo_sync_categories"
 
 
 def empty_users() -> pd.DataFrame:
@@ -88,6 +90,65 @@ def _from_pandas(users: pd.DataFrame) -> pa.Table:
     return table.replace_schema_metadata(
         {**(table.schema.metadata or {}), b"pandas": json.dumps(metadata).encode()}
     )
+
+
+def encode_categories(table: pa.Table) -> pa.Table:
+    """``table`` with each string categorical stored as its codes (-1 = NA), for Parquet.
+
+    Parquet keeps a dictionary column as dictionary pages plus definition levels, and decoding
+    those for twenty mostly-absent audience columns was most of the load time; plain integer
+    codes without nulls read about four times faster. The categories go into the schema
+    metadata, and :func:`decode_categories` restores the exact dictionary columns.
+    """
+    coded: dict[str, Any] = {}
+    table = table.unify_dictionaries()
+    for position, field in enumerate(table.schema):
+        kind = field.type
+        if not pa.types.is_dictionary(kind) or not (
+            pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)
+        ):
+            continue
+        column = table.column(position)
+        dictionary = column.chunk(0).dictionary if column.num_chunks else pa.array([], pa.string())
+        codes = pc.fill_null(
+            pa.chunked_array([chunk.indices for chunk in column.chunks], kind.index_type), -1
+        )
+        coded[field.name] = {
+            "categories": dictionary.to_pylist(),
+            "large": pa.types.is_large_string(kind.value_type),
+            "ordered": kind.ordered,
+        }
+        table = table.set_column(position, pa.field(field.name, kind.index_type), codes)
+    if not coded:
+        return table
+    return table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), _CATEGORIES_META: json.dumps(coded).encode()}
+    )
+
+
+def decode_categories(table: pa.Table) -> pa.Table:
+    """Undo :func:`encode_categories`: integer codes back to the dictionary columns."""
+    metadata = table.schema.metadata or {}
+    if _CATEGORIES_META not in metadata:
+        return table
+    coded = json.loads(metadata[_CATEGORIES_META])
+    for name, spec in coded.items():
+        position = table.schema.get_field_index(name)
+        if position < 0:  # not among the columns read
+            continue
+        codes = table.column(position)
+        value_type = pa.large_string() if spec["large"] else pa.string()
+        dictionary = pa.array(spec["categories"], value_type)
+        kind = pa.dictionary(codes.type, value_type, ordered=spec["ordered"])
+        chunks = [
+            pa.DictionaryArray.from_arrays(
+                pc.if_else(pc.less(chunk, 0), None, chunk), dictionary, ordered=spec["ordered"]
+            )
+            for chunk in codes.chunks
+        ]
+        table = table.set_column(position, pa.field(name, kind), pa.chunked_array(chunks, kind))
+    remaining = {k: v for k, v in metadata.items() if k != _CATEGORIES_META}
+    return table.replace_schema_metadata(remaining)
 
 
 def to_frame(table: pa.Table) -> pd.DataFrame:

@@ -44,7 +44,15 @@ from sync.state._atomic import (
     is_temp_file,
     replace_durably,
 )
-from sync.state._frames import empty_users, index_column, to_frame, to_table, upsert
+from sync.state._frames import (
+    decode_categories,
+    empty_users,
+    encode_categories,
+    index_column,
+    to_frame,
+    to_table,
+    upsert,
+)
 from sync.state._jsonl import JsonlLog, append_durably, read_lines
 from sync.state._layout import (
     BACKUPS_DIR,
@@ -87,7 +95,7 @@ class StoredState:
     last_run: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class StateInfo:
     """A summary of a state folder, read without loading the users table.
 
@@ -462,12 +470,13 @@ class StateStore:
                 names = set(pq.read_schema(source).names)
                 columns = [column for column in columns if column in names]
                 source.seek(0)
-            return pq.read_table(
+            table = pq.read_table(
                 source,
                 columns=columns,
                 use_pandas_metadata=True,
                 page_checksum_verification=True,
             )
+            return decode_categories(table)
         except (pa.ArrowException, OSError) as exc:
             raise StateError(
                 f"{path} cannot be read as Parquet ({exc}). {way_out(self.directory)}"
@@ -501,6 +510,7 @@ class StateStore:
             table = pq.read_table(
                 source, filters=[(id_column, "==", customer_id)], page_checksum_verification=True
             )
+            table = decode_categories(table)
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise StateError(
                 f"{path} cannot be read as Parquet ({exc}). {way_out(self.directory)}"
@@ -568,7 +578,7 @@ class StateStore:
 def _parquet_writer(table: pa.Table) -> Callable[[HashingWriter], None]:
     def produce(out: HashingWriter) -> None:
         pq.write_table(
-            table,
+            encode_categories(table),
             out,
             compression="zstd",
             # Page checksums let a reader of part of a file (``show``) still catch corruption.
