@@ -66,10 +66,12 @@ from sync.model import ChangeKind, DiffSummary, KeyStats, UserChange
 
 __all__ = [
     "AUDIENCE_DTYPE",
+    "FINGERPRINTS",
     "HASH",
     "ID_CHECK",
     "ID_HASH",
     "INDEX_NAME",
+    "TEXT_DTYPE",
     "Diff",
     "KnownState",
     "Snapshot",
