@@ -99,6 +99,7 @@ def atomic_write(path: Path, produce: Callable[[HashingWriter], None]) -> Writte
     If ``produce`` raises, the temporary file is removed and ``path`` is left as it was.
     """
     ensure_dir(path.parent)
+    # mkstemp creates the file 0600: the state holds customer names and emails.
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     temp = Path(temp_name)
     try:
