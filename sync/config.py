@@ -256,3 +256,11 @@ def _absolute_paths(settings: Settings) -> Settings:
         events_path = str(_resolve(Path(settings.events.path), cwd))
         update["events"] = settings.events.model_copy(update={"path": events_path})
     return settings.model_copy(update=update)
+
+
+_CHILD_VARIABLES = frozenset({"PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER"})
+
+
+def child_environment() -> dict[str, str]:
+    """A minimal environment for commands this job starts (alert hooks): never the API key."""
+    return {key: value for key, value in os.environ.items() if key in _CHILD_VARIABLES}

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
+import stamina.instrumentation
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -92,6 +93,9 @@ def configure_logging(
     logging.basicConfig(stream=out, level=max(numeric_level, logging.WARNING), force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # Delivery logs one `retrying` event per retry with the endpoint and reason; stamina's own
+    # hook would log each retry a second time.
+    stamina.instrumentation.set_on_retry_hooks([])
 
 
 def bind_run(run_id: str, **context: Any) -> None:

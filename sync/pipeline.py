@@ -1,0 +1,483 @@
+"""Orchestration of one Engage sync run, and of the state commands. The only module that
+commits state.
+
+One run::
+
+    lock -> load state -> read snapshot -> diff -> mass-exit guard -> plan
+         -> dry run: report, stop (no lock, no network, no write)
+         -> deliver (concurrent) -> checkpoint acknowledged users as they come -> commit
+         -> failure file, runs.jsonl line, report, one summary log line
+
+Only users Amberflo acknowledged advance in state; a failed user keeps its old stored record, so
+the next run's diff sends it again. Checkpoints every ``state.checkpoint_every`` users or
+``state.checkpoint_seconds`` bound what a crash can cost to a re-send of the last few seconds of
+work (harmless: customer upserts are idempotent).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from rich.console import Console
+
+from sync.amberflo import AmberfloClient
+from sync.config import Settings
+from sync.deliver import CustomerWriter, RetryPolicy, deliver_customers
+from sync.diff import Diff, KnownState, acknowledged_rows, apply_acknowledged, diff
+from sync.errors import (
+    EXIT_FATAL,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    ConfigError,
+    MassExitError,
+    SyncError,
+)
+from sync.logs import bind_run
+from sync.model import CustomerRecord, DeliverySummary, Outcome
+from sync.plan import plan_customers
+from sync.progress import ProgressReporter
+from sync.report import ReportInput, ReportMode, render_terminal, write_report
+from sync.runid import new_run_id
+from sync.snapshot import Snapshot, read_snapshot
+from sync.state import StateStore, StoredState
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """The command-line switches of ``amberflo-sync run``."""
+
+    full: bool = False
+    dry_run: bool = False
+    report_file: Path | None = None
+    allow_mass_exit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What one run did."""
+
+    run_id: str
+    exit_code: int
+    diff: Diff | None
+    delivery: DeliverySummary | None
+
+
+def _mode(options: RunOptions) -> ReportMode:
+    if options.dry_run:
+        return "full-dry-run" if options.full else "dry-run"
+    return "full" if options.full else "run"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _known(stored: StoredState) -> KnownState:
+    return KnownState(
+        users=stored.users, audience_keys=stored.audience_keys, trait_keys=stored.trait_keys
+    )
+
+
+def _stored(known: KnownState, run_id: str) -> StoredState:
+    return StoredState(
+        users=known.users,
+        audience_keys=known.audience_keys,
+        trait_keys=known.trait_keys,
+        last_run=run_id,
+    )
+
+
+def _require_source(settings: Settings) -> None:
+    if settings.source is None:
+        where = settings.config_file or "the config file"
+        raise ConfigError(
+            f"{where} has no [source] section: add one with at least `path` (see README)"
+        )
+
+
+def _read(settings: Settings) -> Snapshot:
+    _require_source(settings)
+    assert settings.source is not None  # narrowed by _require_source
+    return read_snapshot(settings.source, settings.keys)
+
+
+def client_for(settings: Settings) -> AmberfloClient:
+    """The HTTP client of a run, sized to the configured concurrency."""
+    return AmberfloClient(
+        api_key=settings.api_key_value,
+        base_url=settings.base_url,
+        ingest_url=settings.ingest_url,
+        timeout=settings.amberflo.timeout_seconds,
+        max_connections=max(settings.amberflo.concurrency, 4),
+    )
+
+
+def retry_policy_for(settings: Settings) -> RetryPolicy:
+    """The retry policy the configuration asks for."""
+    return RetryPolicy(
+        attempts=settings.amberflo.max_attempts,
+        deadline=settings.amberflo.retry_deadline_seconds,
+    )
+
+
+def run_sync(
+    settings: Settings,
+    options: RunOptions,
+    *,
+    console: Console,
+    stop: threading.Event | None = None,
+    run_id: str | None = None,
+) -> RunResult:
+    """Run the Engage sync once; return its exit code with what it did.
+
+    Fatal errors (source unreadable, state unusable, mass-exit guard, credentials rejected)
+    propagate as :class:`SyncError` after the run is recorded in ``runs.jsonl``.
+    """
+    run_id = run_id or new_run_id()
+    bind_run(run_id, command="run")
+    started = _now()
+    store = StateStore(settings.state.dir)
+    if options.dry_run:
+        # A dry run takes no lock and writes nothing under the state folder: it reads the state
+        # as of the last atomic commit.
+        return _dry_run(
+            settings, options=options, store=store, run_id=run_id, started=started, console=console
+        )
+    with store.lock():
+        try:
+            return _real_run(
+                settings,
+                options=options,
+                store=store,
+                run_id=run_id,
+                started=started,
+                console=console,
+                stop=stop,
+            )
+        except SyncError as exc:
+            store.record_run(
+                {
+                    "run_id": run_id,
+                    "kind": "sync",
+                    "mode": _mode(options),
+                    "started_at": started.isoformat(),
+                    "finished_at": _now().isoformat(),
+                    "exit_code": exc.exit_code,
+                    "error": str(exc),
+                }
+            )
+            raise
+
+
+def _plan(
+    settings: Settings, options: RunOptions, store: StateStore
+) -> tuple[KnownState, Snapshot, Diff]:
+    known = _known(store.load())
+    snapshot = _read(settings)
+    result = diff(snapshot, known, full=options.full, samples=settings.report.samples)
+    summary = result.summary
+    log.info(
+        "diff_computed",
+        in_snapshot=summary.in_snapshot,
+        invalid=dict(summary.invalid),
+        added=summary.added,
+        changed=summary.changed,
+        exited=summary.exited,
+        unchanged=summary.unchanged,
+        to_send=summary.to_send,
+    )
+    for reason, count in summary.invalid.items():
+        log.warning("invalid_rows_left_out", reason=reason, rows=count)
+    limit = settings.safety.max_exit_fraction
+    if result.mass_exit_fraction > limit and not options.allow_mass_exit:
+        raise MassExitError(
+            f"this run would exit {summary.exited} of {len(known.users)} known users "
+            f"({result.mass_exit_fraction:.0%}, more than safety.max_exit_fraction={limit:.0%}); "
+            "is the snapshot empty or truncated? Nothing was sent. If the exits are real, run "
+            "again with --allow-mass-exit"
+        )
+    return known, snapshot, result
+
+
+def _report(
+    settings: Settings,
+    *,
+    options: RunOptions,
+    run_id: str,
+    started: dt.datetime,
+    snapshot: Snapshot,
+    result: Diff,
+    delivery: DeliverySummary | None,
+    exit_code: int | None,
+    console: Console,
+) -> None:
+    report = ReportInput(
+        run_id=run_id,
+        mode=_mode(options),
+        started_at=started,
+        finished_at=_now(),
+        source=", ".join(snapshot.files),
+        state_dir=str(settings.state.dir),
+        diff=result.summary,
+        delivery=delivery,
+        exit_code=exit_code,
+    )
+    render_terminal(report, console)
+    if options.report_file is not None:
+        write_report(options.report_file, report)
+        log.info("report_written", path=str(options.report_file))
+
+
+def _dry_run(
+    settings: Settings,
+    *,
+    options: RunOptions,
+    store: StateStore,
+    run_id: str,
+    started: dt.datetime,
+    console: Console,
+) -> RunResult:
+    _, snapshot, result = _plan(settings, options, store)
+    _report(
+        settings,
+        options=options,
+        run_id=run_id,
+        started=started,
+        snapshot=snapshot,
+        result=result,
+        delivery=None,
+        exit_code=None,
+        console=console,
+    )
+    log.info("dry_run_finished", to_send=result.summary.to_send)
+    return RunResult(run_id=run_id, exit_code=EXIT_OK, diff=result, delivery=None)
+
+
+class _Checkpointer:
+    """Collects acknowledged users on the caller thread and checkpoints them now and then."""
+
+    def __init__(
+        self, store: StateStore, run_id: str, result: Diff, every: int, seconds: float
+    ) -> None:
+        self._store = store
+        self._run_id = run_id
+        self._diff = result
+        self._every = every
+        self._seconds = seconds
+        self._pending: list[str] = []
+        self._last = time.monotonic()
+        self.acknowledged: list[str] = []
+
+    def add(self, customer_id: str) -> None:
+        self._pending.append(customer_id)
+        self.acknowledged.append(customer_id)
+        if len(self._pending) >= self._every or time.monotonic() - self._last >= self._seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._store.checkpoint(
+                self._run_id,
+                acknowledged_rows(self._diff, self._pending),
+                audience_keys=self._diff.audience_keys,
+                trait_keys=self._diff.trait_keys,
+            )
+            log.debug("checkpoint_written", users=len(self._pending))
+            self._pending = []
+        self._last = time.monotonic()
+
+
+def _real_run(
+    settings: Settings,
+    *,
+    options: RunOptions,
+    store: StateStore,
+    run_id: str,
+    started: dt.datetime,
+    console: Console,
+    stop: threading.Event | None,
+) -> RunResult:
+    known, snapshot, result = _plan(settings, options, store)
+    checkpointer = _Checkpointer(
+        store,
+        run_id,
+        result,
+        settings.state.checkpoint_every,
+        settings.state.checkpoint_seconds,
+    )
+    failures = store.run_log(run_id, "failures")
+    total = result.summary.to_send
+    with (
+        failures,
+        client_for(settings) as client,
+        ProgressReporter("upserting customers", total) as progress,
+    ):
+        writer = CustomerWriter(
+            client, mode=settings.amberflo.write_mode, policy=retry_policy_for(settings)
+        )
+
+        def on_outcome(record: CustomerRecord, outcome: Outcome) -> None:
+            progress.advance(ok=outcome.ok)
+            if outcome.ok:
+                checkpointer.add(record.customer_id)
+                return
+            failures.write(
+                {
+                    "customerId": record.customer_id,
+                    "status": outcome.status,
+                    "reason": outcome.reason,
+                    "run_id": run_id,
+                }
+            )
+            log.warning(
+                "customer_failed",
+                customer_id=record.customer_id,
+                status=outcome.status,
+                reason=outcome.reason,
+            )
+
+        try:
+            delivery = deliver_customers(
+                writer,
+                plan_customers(result),
+                concurrency=settings.amberflo.concurrency,
+                on_outcome=on_outcome,
+                stop=stop,
+            )
+        finally:
+            # Whatever stopped delivery (an auth error, a signal), what Amberflo acknowledged
+            # is kept.
+            checkpointer.flush()
+    new_state = apply_acknowledged(known, result, checkpointer.acknowledged)
+    store.commit(_stored(new_state, run_id), run_id)
+    failure_file = str(failures.path) if failures.count else None
+    delivery = DeliverySummary(
+        delivered=delivery.delivered,
+        failed=delivery.failed,
+        failure_file=failure_file,
+        interrupted=delivery.interrupted,
+    )
+    exit_code = EXIT_OK if delivery.failed == 0 and not delivery.interrupted else EXIT_PARTIAL
+    finished = _now()
+    summary = result.summary
+    entry: dict[str, Any] = {
+        "run_id": run_id,
+        "kind": "sync",
+        "mode": _mode(options),
+        "started_at": started.isoformat(),
+        "finished_at": finished.isoformat(),
+        "exit_code": exit_code,
+        "interrupted": delivery.interrupted,
+        "counts": {
+            "in_snapshot": summary.in_snapshot,
+            "invalid": sum(summary.invalid.values()),
+            "added": summary.added,
+            "changed": summary.changed,
+            "exited": summary.exited,
+            "unchanged": summary.unchanged,
+            "to_send": summary.to_send,
+            "delivered": delivery.delivered,
+            "failed": delivery.failed,
+        },
+        "failure_file": failure_file,
+    }
+    store.record_run(entry)
+    _report(
+        settings,
+        options=options,
+        run_id=run_id,
+        started=started,
+        snapshot=snapshot,
+        result=result,
+        delivery=delivery,
+        exit_code=exit_code,
+        console=console,
+    )
+    log.info("run_finished", **{k: v for k, v in entry.items() if k != "run_id"})
+    return RunResult(run_id=run_id, exit_code=exit_code, diff=result, delivery=delivery)
+
+
+def confirm(console: Console, question: str) -> bool:
+    """Ask a yes/no question on the terminal; no answer (no terminal) means no."""
+    console.print(f"{question} [y/N] ", end="")
+    try:
+        answer = input()
+    except EOFError:
+        return False
+    return answer.strip().lower() in {"y", "yes"}
+
+
+def adopt_state(settings: Settings, *, yes: bool, verify: int, console: Console) -> int:
+    """Record the current snapshot as acknowledged without sending anything."""
+    run_id = new_run_id()
+    bind_run(run_id, command="state adopt")
+    store = StateStore(settings.state.dir)
+    with store.lock():
+        known = _known(store.load())
+        snapshot = _read(settings)
+        result = diff(snapshot, known, full=True, samples=0)
+        summary = result.summary
+        console.print(
+            f"Will record {summary.to_send} users ({len(snapshot.audience_keys)} audiences, "
+            f"{len(snapshot.trait_keys)} traits) from {', '.join(snapshot.files)} as "
+            f"acknowledged by Amberflo in {settings.state.dir}, sending nothing."
+        )
+        if verify > 0:
+            mismatches = _verify_sample(settings, result, verify)
+            if mismatches:
+                for line in mismatches:
+                    console.print(line)
+                console.print(
+                    f"Refusing to adopt: {len(mismatches)} sampled customers differ from the "
+                    "snapshot. Run `amberflo-sync run --full` instead, or check the snapshot."
+                )
+                return EXIT_FATAL
+        if not yes and not confirm(console, "Record it?"):
+            console.print("Nothing recorded.")
+            return EXIT_OK
+        every_user = [record.customer_id for record in plan_customers(result)]
+        new_state = apply_acknowledged(known, result, every_user)
+        store.commit(_stored(new_state, run_id), run_id)
+        store.record_run(
+            {
+                "run_id": run_id,
+                "kind": "adopt",
+                "mode": "adopt",
+                "started_at": _now().isoformat(),
+                "finished_at": _now().isoformat(),
+                "exit_code": EXIT_OK,
+                "counts": {"adopted": len(every_user)},
+            }
+        )
+    console.print(f"Recorded {len(every_user)} users as acknowledged.")
+    return EXIT_OK
+
+
+def _verify_sample(settings: Settings, result: Diff, sample_size: int) -> list[str]:
+    """Compare ``sample_size`` random planned customers with what Amberflo holds."""
+    records = list(plan_customers(result))
+    chosen = random.sample(records, min(sample_size, len(records)))
+    mismatches: list[str] = []
+    with client_for(settings) as client:
+        for record in chosen:
+            existing = client.get_customer(record.customer_id) or {}
+            traits: Mapping[str, Any] = existing.get("traits") or {}
+            for key, value in record.traits.items():
+                if traits.get(key) != value:
+                    mismatches.append(
+                        f"{record.customer_id}: {key} is {traits.get(key)!r} in Amberflo, "
+                        f"{value!r} in the snapshot"
+                    )
+            if not existing:
+                mismatches.append(f"{record.customer_id}: not in Amberflo")
+    return mismatches
