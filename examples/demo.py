@@ -53,7 +53,8 @@ def main() -> int:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert emulator.stdout is not None
+    if emulator.stdout is None:  # pragma: no cover - Popen with PIPE always has it
+        raise RuntimeError("the emulator's output is not readable")
     print(emulator.stdout.readline().strip())  # "Amberflo emulator listening on ..."
     env = {
         **os.environ,
@@ -85,7 +86,8 @@ def main() -> int:
         print(f"\n\033[1m== What the emulator holds now\033[0m ({len(customers)} customers)")
         for customer_id in sorted(customers)[:3]:
             customer = customers[customer_id]
-            print(json.dumps({k: customer.get(k) for k in ("customerId", "customerName", "traits")}))
+            shown = ("customerId", "customerName", "traits")
+            print(json.dumps({key: customer.get(key) for key in shown}))
         print(f"requests by route and status: {json.dumps(stats['requests'])}")
         print(f"meter records stored: {stats['records_unique']}")
         print(f"\nReport: {OUT / 'report.html'}   State: {OUT / 'state'}")
