@@ -119,6 +119,16 @@ def events(paths: tuple[str, ...], config_file: Path | None, dry_run: bool) -> N
     result = forward_events(
         settings, list(paths) or ["-"], dry_run=dry_run, run_id=new_run_id(), out=sys.stdout
     )
+    if not dry_run:
+        # The dry run prints its counts as a JSON line; a real run says what happened in words.
+        skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(result.skipped.items()))
+        click.echo(
+            f"events run {result.run_id}: read {result.read}, sent {result.sent}, "
+            f"skipped {result.skipped_total}{f' ({skipped})' if skipped else ''}, "
+            f"dead-lettered {result.dead_lettered}"
+        )
+        if result.dead_letter_file:
+            click.echo(f"dead letters (with the reason for each): {result.dead_letter_file}")
     sys.exit(result.exit_code)
 
 
