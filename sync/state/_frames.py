@@ -130,35 +130,52 @@ def encode_categories(table: pa.Table) -> pa.Table:
 
 def decode_categories(table: pa.Table) -> pa.Table:
     """Undo :func:`encode_categories`: integer codes back to the dictionary columns."""
-    metadata = table.schema.metadata or {}
-    if _CATEGORIES_META not in metadata:
-        return table
-    coded = json.loads(metadata[_CATEGORIES_META])
-    for name, spec in coded.items():
+    for name, spec in _coded_columns(table.schema).items():
         position = table.schema.get_field_index(name)
-        if position < 0:  # not among the columns read
-            continue
-        codes = table.column(position)
+        codes = table.column(position).combine_chunks()
         value_type = pa.large_string() if spec["large"] else pa.string()
-        dictionary = pa.array(spec["categories"], value_type)
         kind = pa.dictionary(codes.type, value_type, ordered=spec["ordered"])
-        chunks = [
-            pa.DictionaryArray.from_arrays(
-                pc.if_else(pc.less(chunk, 0), None, chunk), dictionary, ordered=spec["ordered"]
-            )
-            for chunk in codes.chunks
-        ]
-        table = table.set_column(position, pa.field(name, kind), pa.chunked_array(chunks, kind))
-    remaining = {k: v for k, v in metadata.items() if k != _CATEGORIES_META}
-    return table.replace_schema_metadata(remaining)
+        restored = pa.DictionaryArray.from_arrays(
+            pc.if_else(pc.less(codes, 0), None, codes),
+            pa.array(spec["categories"], value_type),
+            ordered=spec["ordered"],
+        )
+        table = table.set_column(position, pa.field(name, kind), restored)
+    metadata = table.schema.metadata or {}
+    return table.replace_schema_metadata(
+        {key: value for key, value in metadata.items() if key != _CATEGORIES_META}
+    )
+
+
+def _coded_columns(schema: pa.Schema) -> dict[str, Any]:
+    """The columns of ``schema`` that hold categorical codes, with their categories."""
+    raw = (schema.metadata or {}).get(_CATEGORIES_META)
+    if raw is None:
+        return {}
+    coded: dict[str, Any] = json.loads(raw)
+    return {name: spec for name, spec in coded.items() if name in schema.names}
 
 
 def to_frame(table: pa.Table) -> pd.DataFrame:
-    """The users table back from Arrow, with the dtypes and index it was written with."""
+    """The users table back from Arrow, with the dtypes and index it was written with.
+
+    ``table`` may hold categoricals as codes (as read from disk): they become categoricals
+    straight from their codes, never passing through per-chunk Arrow dictionaries.
+    """
     index_dtype = _index_string_dtype(table.schema)
+    coded = _coded_columns(table.schema)
+    order = [name for name in table.column_names if name != index_column(table.schema)]
+    codes = {name: table.column(name).to_numpy() for name in coded}
     # split_blocks keeps one block per column (no consolidation copy); self_destruct frees
     # each Arrow column once converted, so the peak is about one table, not two.
-    frame: pd.DataFrame = table.to_pandas(split_blocks=True, self_destruct=True)
+    frame: pd.DataFrame = table.drop_columns(list(coded)).to_pandas(
+        split_blocks=True, self_destruct=True
+    )
+    for name, spec in coded.items():
+        dtype = pd.CategoricalDtype(pd.Index(spec["categories"]), ordered=spec["ordered"])
+        frame[name] = pd.Categorical.from_codes(codes[name], dtype=dtype)
+    if coded:
+        frame = frame[order]
     if index_dtype is not None and frame.index.dtype != index_dtype:
         # pyarrow restores extension dtypes for columns but not for the index.
         frame.index = frame.index.astype(index_dtype)

@@ -470,13 +470,12 @@ class StateStore:
                 names = set(pq.read_schema(source).names)
                 columns = [column for column in columns if column in names]
                 source.seek(0)
-            table = pq.read_table(
+            return pq.read_table(
                 source,
                 columns=columns,
                 use_pandas_metadata=True,
                 page_checksum_verification=True,
             )
-            return decode_categories(table)
         except (pa.ArrowException, OSError) as exc:
             raise StateError(
                 f"{path} cannot be read as Parquet ({exc}). {way_out(self.directory)}"
