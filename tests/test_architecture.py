@@ -100,16 +100,20 @@ def sync_imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "sync"}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.split(".")[0] == "sync":
-                found.add(node.module)
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and node.module.split(".")[0] == "sync"
+        ):
+            found.add(node.module)
     return found
 
 
 MODULES = sorted(PACKAGE.rglob("*.py"))
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+@pytest.mark.parametrize("path", MODULES, ids=module_name)
 def test_imports_follow_the_allow_table(path: Path) -> None:
     """Every module imports only the modules its layer may use."""
     module = module_name(path)
@@ -122,7 +126,7 @@ def test_imports_follow_the_allow_table(path: Path) -> None:
     assert not forbidden, f"{module} imports {sorted(forbidden)}"
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+@pytest.mark.parametrize("path", MODULES, ids=module_name)
 def test_only_the_client_speaks_http_and_only_config_reads_the_environment(path: Path) -> None:
     """httpx lives in amberflo.py alone; os.environ and getenv in config.py alone."""
     module = module_name(path)
