@@ -788,3 +788,31 @@ def test_serve_prints_its_url_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert response.status_code == 200
     assert child.returncode == 0, stderr
     assert "emulator_stopped" in stdout + stderr
+
+
+def test_rejected_customers_are_refused_with_400_and_others_go_through(
+    emulator: EmulatorHandle, api: httpx.Client
+) -> None:
+    """reject_customers answers 400 with a message to POST and PUT of those ids only."""
+    emulator.set_faults(reject_customers=["bad-1"])
+
+    post = api.post("/customers", json=customer(customerId="bad-1"))
+    put = api.put("/customers", json=customer(customerId="bad-1"))
+    fine = api.post("/customers", json=customer(customerId="good-1"))
+    over_http = api.put("/_emulator/faults", json={"reject_customers": []}).json()
+    after = api.post("/customers", json=customer(customerId="bad-1"))
+
+    assert (post.status_code, put.status_code) == (400, 400)
+    assert "bad-1" in post.json()["message"]
+    assert fine.status_code == 200
+    assert over_http["reject_customers"] == []
+    assert after.status_code == 200
+    assert sorted(emulator.customers()) == ["bad-1", "good-1"]
+
+
+@pytest.mark.parametrize("value", ["bad-1", [""], [3], None])
+def test_reject_customers_must_be_a_list_of_ids(emulator: EmulatorHandle, value: Any) -> None:
+    """A lone string, a blank id or a non-string id is refused rather than misread."""
+    with pytest.raises(ConfigError, match="reject_customers"):
+        emulator.set_faults(reject_customers=value)
+    assert emulator.faults()["reject_customers"] == []

@@ -10,7 +10,8 @@ It serves the contract of ``spec/amberflo-api.md`` section 5:
   created or answered ``404``, as configured), ``DELETE /customers/{id}``.
 - ``x-api-key`` on every API route, else ``403 {"message": "Forbidden"}``.
 - Fault injection decided before a request is processed: 429 with ``Retry-After``, 500/502/503,
-  dropped connections, latency, and "everything fails".
+  dropped connections, latency, and "everything fails"; and chosen customer ids whose
+  ``POST``/``PUT`` is always refused with ``400`` (one customer Amberflo will not take).
 - ``/_emulator/``: ``GET customers|ingested|stats|requests|faults``, ``PUT faults``,
   ``POST reset``. No key needed, never faulted, not counted.
 

@@ -219,7 +219,7 @@ class App:
         return Response.json(self.store.customer(query["customerId"]) or {})
 
     def _create_customer(self, request: Request, _params: dict[str, str]) -> Response:
-        body = validate_customer(parse_json(request.decoded_body()))
+        body = self._acceptable_customer(request)
         if request.query.get("autoCreateCustomerInStripe", "").lower() == "true":
             body["traits"] = {**body.get("traits", {}), "stripeId": _stripe_id(body["customerId"])}
         created = self.store.create_customer(body)
@@ -228,11 +228,18 @@ class App:
         return Response.json(created)
 
     def _replace_customer(self, request: Request, _params: dict[str, str]) -> Response:
-        body = validate_customer(parse_json(request.decoded_body()))
+        body = self._acceptable_customer(request)
         stored = self.store.replace_customer(body, create_missing=self._create_missing)
         if stored is None:
             raise api_error(404, f"customer {body['customerId']!r} does not exist; use POST")
         return Response.json(stored)
+
+    def _acceptable_customer(self, request: Request) -> dict[str, Any]:
+        """The validated customer body of a POST or PUT; 400 for an id set to be rejected."""
+        body = validate_customer(parse_json(request.decoded_body()))
+        if body["customerId"] in self.faults.settings().reject_customers:
+            raise api_error(400, f"customer {body['customerId']!r} was rejected (emulated)")
+        return body
 
     def _delete_customer(self, _request: Request, params: dict[str, str]) -> Response:
         deleted = self.store.delete_customer(params["customer_id"])

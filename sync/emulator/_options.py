@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
@@ -22,6 +23,9 @@ class FaultSettings:
     ``rate_429=1`` fails every request that is not dropped. ``fail_all`` answers every API
     request with 500 ("Amberflo is down"). ``latency_ms`` delays every API request, faulted or
     not. ``retry_after`` is the ``Retry-After`` header of a 429, in seconds.
+    ``reject_customers`` are customer ids whose ``POST``/``PUT /customers`` is answered
+    ``400 {"message": ...}`` every time, as Amberflo answers a customer it will not take: a
+    permanent failure of one customer among many (any iterable of ids is kept as a frozenset).
     """
 
     rate_429: float = 0.0
@@ -30,6 +34,7 @@ class FaultSettings:
     rate_drop: float = 0.0
     latency_ms: float = 0.0
     fail_all: bool = False
+    reject_customers: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for name in _RATES:
@@ -42,6 +47,10 @@ class FaultSettings:
                 raise ConfigError(f"emulator option {name}={value} must be 0 or more")
         if not isinstance(self.fail_all, bool):
             raise ConfigError(f"emulator option fail_all={self.fail_all!r} must be true or false")
+        # Frozen: the normalised set replaces whatever iterable (a JSON list) was given.
+        object.__setattr__(
+            self, "reject_customers", _ids("reject_customers", self.reject_customers)
+        )
 
     def changed(self, **changes: Any) -> FaultSettings:
         """A copy with ``changes`` applied; unknown names or bad values raise ``ConfigError``."""
@@ -54,8 +63,10 @@ class FaultSettings:
         return replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
-        """The settings as plain JSON-ready values."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The settings as plain JSON-ready values (``reject_customers`` as a sorted list)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["reject_customers"] = sorted(self.reject_customers)
+        return values
 
 
 FAULT_NAMES = frozenset(f.name for f in fields(FaultSettings))
@@ -82,6 +93,7 @@ class EmulatorOptions:
     rate_drop: float = 0.0
     latency_ms: float = 0.0
     fail_all: bool = False
+    reject_customers: frozenset[str] = frozenset()
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -106,6 +118,7 @@ class EmulatorOptions:
             rate_drop=self.rate_drop,
             latency_ms=self.latency_ms,
             fail_all=self.fail_all,
+            reject_customers=self.reject_customers,
         )
 
 
@@ -114,3 +127,13 @@ def _number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(f"emulator option {name}={value!r} must be a finite number")
     return float(value)
+
+
+def _ids(name: str, value: object) -> frozenset[str]:
+    # A lone string is an iterable of characters: refuse it rather than reject "a", "b", ...
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ConfigError(f"emulator option {name}={value!r} must be a list of customer ids")
+    ids = frozenset(value)
+    if not all(isinstance(item, str) and item for item in ids):
+        raise ConfigError(f"emulator option {name} must hold non-empty customer id strings")
+    return ids

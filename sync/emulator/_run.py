@@ -54,7 +54,8 @@ class EmulatorHandle:
 
     def set_faults(self, **changes: Any) -> None:
         """Change fault settings (``rate_429``, ``retry_after``, ``rate_5xx``, ``rate_drop``,
-        ``latency_ms``, ``fail_all``); raises ``ConfigError`` for an unknown name or bad value."""
+        ``latency_ms``, ``fail_all``, ``reject_customers``); raises ``ConfigError`` for an unknown
+        name or bad value."""
         self._app.faults.update(**changes)
 
     def reset(self) -> None:
