@@ -54,6 +54,7 @@ from sync.state._frames import (
     upsert,
 )
 from sync.state._jsonl import JsonlLog, append_durably, read_lines
+from sync.state._last_run import LAST_RUN_COLUMN, RunSource, stamp_last_run, without_last_run
 from sync.state._layout import (
     BACKUPS_DIR,
     CHECKPOINTS_DIR,
@@ -167,7 +168,7 @@ class StateStore:
                     f"{self._path(MANIFEST_FILE)} says {manifest.row_count}. "
                     f"{way_out(self.directory)}"
                 )
-            users = to_frame(table)
+            users = to_frame(without_last_run(table))
         audience_keys = manifest.audience_keys if manifest else ()
         trait_keys = manifest.trait_keys if manifest else ()
         updates = []
@@ -225,8 +226,9 @@ class StateStore:
         """One user's stored row, or None if the state does not know the id.
 
         ``{"customer_id", "name", "email", "keys": {key: value} (keys with a value, audiences
-        first), "last_run" (the row's, when the engine keeps one), "committed" (False while the
-        row lives only in a pending checkpoint)}``.
+        first), "last_run" (the run that last delivered the user: the pending checkpoint's run, else
+        the stored ``_last_run``, else a ``last_run`` column the engine keeps; None when
+        unknown), "committed" (False while the row lives only in a pending checkpoint)}``.
         """
         return self._consistently(lambda committed: self._show(committed, customer_id))
 
@@ -239,10 +241,12 @@ class StateStore:
             audience_keys, trait_keys = _merge_keys(audience_keys, trait_keys, schema)
         row: dict[str, Any] | None = None
         is_committed = False
+        last_run: str | None = None
         # The newest checkpoint holding the id wins, as it does when loading.
         for checkpoint in reversed(committed.pending):
             row = self._find_row(checkpoint.path, pa.memory_map(str(checkpoint.path)), customer_id)
             if row is not None:
+                last_run = checkpoint.name.run_id
                 break
         if row is None and committed.data is not None:
             row = self._find_row(
@@ -251,6 +255,10 @@ class StateStore:
             is_committed = row is not None
         if row is None:
             return None
+        if last_run is None:
+            last_run = row.get(LAST_RUN_COLUMN) or (
+                None if "last_run" in (*audience_keys, *trait_keys) else row.get("last_run")
+            )
         keys = {
             key: row[key]
             for key in (*audience_keys, *trait_keys)
@@ -261,7 +269,7 @@ class StateStore:
             "name": row.get("name"),
             "email": row.get("email"),
             "keys": keys,
-            "last_run": row.get("last_run"),
+            "last_run": last_run,
             "committed": is_committed,
         }
 
@@ -312,15 +320,19 @@ class StateStore:
         log.debug("state_checkpoint_written", run_id=run_id, seq=seq, rows=table.num_rows)
         return path
 
-    def commit(self, state: StoredState, run_id: str) -> None:
+    def commit(self, state: StoredState, run_id: str, *, delivered: Sequence[str] = ()) -> None:
         """Atomically replace the committed state by ``state`` and drop the checkpoints.
 
         ``state`` must include every checkpoint written so far (it is built from :meth:`load`
         plus this run's acknowledged rows): they are removed once the commit is durable.
+        ``delivered`` names users this run acknowledged without checkpointing them (``state
+        adopt``); with the checkpoints, they give each row its ``_last_run`` (see
+        :mod:`sync.state._last_run`).
         """
         check_run_id(run_id)
         table = to_table(state.users)
         with self._seq_lock:
+            table = self._stamp_last_run(table, run_id, delivered)
             folded = self._checkpoints()
             mark = max([self._last_seq or 0, self._lenient_mark(), *(c.name.seq for c in folded)])
             written = atomic_write(self._path(NEXT_STATE_FILE), _parquet_writer(table))
@@ -345,6 +357,33 @@ class StateStore:
             bytes=written.size,
             checkpoints_folded=len(folded),
         )
+
+    def _stamp_last_run(self, table: pa.Table, run_id: str, delivered: Sequence[str]) -> pa.Table:
+        """``table`` with the ``_last_run`` column the commit stores (newest source first)."""
+        ids = table.column(index_column(table.schema)).combine_chunks()
+        sources = [RunSource.of_run(pa.array(list(delivered), pa.string()), run_id)]
+        try:
+            committed = self._committed(self._manifest_bytes())
+            for checkpoint in reversed(committed.pending):
+                id_column = index_column(pq.read_schema(checkpoint.path))
+                ckpt_ids = pq.read_table(checkpoint.path, columns=[id_column]).column(0)
+                sources.append(RunSource.of_run(ckpt_ids.combine_chunks(), checkpoint.name.run_id))
+            if committed.data is not None:
+                # Two columns of the previous commit: its ids and their runs.
+                prior = self._parse(committed.data, self._path(STATE_FILE), [LAST_RUN_COLUMN])
+                if LAST_RUN_COLUMN in prior.column_names:
+                    prior = decode_categories(prior)
+                    sources.append(
+                        RunSource.of_column(
+                            prior.column(index_column(prior.schema)).combine_chunks(),
+                            prior.column(LAST_RUN_COLUMN).combine_chunks(),
+                        )
+                    )
+        except (StateError, pa.ArrowException, OSError, ValueError) as exc:
+            # The committing run loaded this state moments ago; should it have gone bad since,
+            # losing the bookkeeping must not lose the run's acknowledged users.
+            log.warning("state_last_run_unknown", directory=str(self.directory), reason=str(exc))
+        return stamp_last_run(table, ids, sources)
 
     def run_log(self, run_id: str, kind: LogKind) -> JsonlLog:
         """The run's ``failures`` or ``dead-letter`` JSON Lines log (created on first write)."""
