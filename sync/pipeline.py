@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,11 @@ from sync.errors import (
     EXIT_FATAL,
     EXIT_OK,
     EXIT_PARTIAL,
+    EXIT_USAGE,
     ConfigError,
     MassExitError,
     SyncError,
+    UsageError,
 )
 from sync.logs import bind_run
 from sync.model import CustomerRecord, DeliverySummary, Outcome
@@ -408,7 +411,11 @@ def _real_run(
 
 
 def confirm(console: Console, question: str) -> bool:
-    """Ask a yes/no question on the terminal; no answer (no terminal) means no."""
+    """Ask a yes/no question on standard input; only ``y`` or ``yes`` is a yes.
+
+    Callers check :func:`require_answer` first, so a script without a terminal is refused
+    up front instead of reading an empty answer as "no" and exiting 0.
+    """
     console.print(f"{question} [y/N] ", end="")
     try:
         answer = input()
@@ -417,67 +424,136 @@ def confirm(console: Console, question: str) -> bool:
     return answer.strip().lower() in {"y", "yes"}
 
 
+def require_answer(command: str, *, yes: bool) -> None:
+    """Refuse (``UsageError``, exit 2) a command that would ask a question nobody can answer."""
+    if not yes and not sys.stdin.isatty():
+        raise UsageError(
+            f"`amberflo-sync {command}` asks for confirmation, and standard input is not a "
+            "terminal; pass --yes to confirm from a script. Nothing was done."
+        )
+
+
 def adopt_state(settings: Settings, *, yes: bool, verify: int, console: Console) -> int:
-    """Record the current snapshot as acknowledged without sending anything."""
+    """Record the current snapshot as acknowledged by Amberflo, sending nothing.
+
+    As if a run had delivered every user: the next run sends only what changes after this
+    snapshot. Asks first unless ``yes``. ``verify`` > 0 first compares that many random users
+    with what Amberflo holds and refuses (exit 1) on any difference. A snapshot that would exit
+    more than ``safety.max_exit_fraction`` of the known users is refused too (``MassExitError``):
+    recording those exits would mean they are never sent.
+    """
+    require_answer("state adopt", yes=yes)
     run_id = new_run_id()
     bind_run(run_id, command="state adopt")
+    started = _now()
     store = StateStore(settings.state.dir)
     with store.lock():
         known = _known(store.load())
         snapshot = _read(settings)
+        # full=True: every snapshot user holding a value, and every exit, as a --full run sends.
         result = diff(snapshot, known, full=True, samples=0)
         summary = result.summary
-        console.print(
-            f"Will record {summary.to_send} users ({len(snapshot.audience_keys)} audiences, "
-            f"{len(snapshot.trait_keys)} traits) from {', '.join(snapshot.files)} as "
-            f"acknowledged by Amberflo in {settings.state.dir}, sending nothing."
-        )
+        limit = settings.safety.max_exit_fraction
+        if result.mass_exit_fraction > limit:
+            raise MassExitError(
+                f"this snapshot would exit {summary.exited} of {len(known.users)} known users "
+                f"({result.mass_exit_fraction:.0%}, more than safety.max_exit_fraction="
+                f"{limit:.0%}); nothing was recorded. Check the snapshot; to adopt it anyway, "
+                "run `amberflo-sync state reset` first"
+            )
+        console.print(_adoption_summary(settings, snapshot, result, known_users=len(known.users)))
         if verify > 0:
-            mismatches = _verify_sample(settings, result, verify)
-            if mismatches:
-                for line in mismatches:
-                    console.print(line)
+            differences = _verify_sample(settings, result, verify)
+            if differences:
+                for line in differences:
+                    console.print(f"  {line}", markup=False)
                 console.print(
-                    f"Refusing to adopt: {len(mismatches)} sampled customers differ from the "
-                    "snapshot. Run `amberflo-sync run --full` instead, or check the snapshot."
+                    "Refusing to adopt: Amberflo does not match the snapshot for the users "
+                    "above; nothing was recorded. Run `amberflo-sync run --full` to send the "
+                    "snapshot instead, or check that the snapshot is the one Amberflo was "
+                    "synced from."
                 )
                 return EXIT_FATAL
+            console.print(f"Verified {min(verify, summary.to_send)} random users: they match.")
         if not yes and not confirm(console, "Record it?"):
             console.print("Nothing recorded.")
-            return EXIT_OK
-        every_user = [record.customer_id for record in plan_customers(result)]
-        new_state = apply_acknowledged(known, result, every_user)
-        store.commit(_stored(new_state, run_id), run_id)
+            return EXIT_USAGE
+        adopted = result.desired.index
+        new_state = apply_acknowledged(known, result, adopted)
+        store.commit(_stored(new_state, run_id), run_id, delivered=list(adopted))
         store.record_run(
             {
                 "run_id": run_id,
                 "kind": "adopt",
                 "mode": "adopt",
-                "started_at": _now().isoformat(),
+                "started_at": started.isoformat(),
                 "finished_at": _now().isoformat(),
                 "exit_code": EXIT_OK,
-                "counts": {"adopted": len(every_user)},
+                "counts": {
+                    "in_snapshot": summary.in_snapshot,
+                    "invalid": sum(summary.invalid.values()),
+                    "adopted": len(adopted),
+                },
             }
         )
-    console.print(f"Recorded {len(every_user)} users as acknowledged.")
+    log.info("state_adopted", users=len(adopted), state_dir=str(settings.state.dir))
+    console.print(f"Recorded {len(adopted)} users as acknowledged (run {run_id}).")
     return EXIT_OK
 
 
+def _adoption_summary(
+    settings: Settings, snapshot: Snapshot, result: Diff, *, known_users: int
+) -> str:
+    summary = result.summary
+    invalid = sum(summary.invalid.values())
+    lines = [
+        f"Will record {summary.to_send} users as acknowledged by Amberflo, sending nothing:",
+        f"  snapshot: {', '.join(snapshot.files)} ({summary.in_snapshot} users"
+        + (f", {invalid} invalid rows left out" if invalid else "")
+        + ")",
+        f"  keys: {len(result.audience_keys)} audiences, {len(result.trait_keys)} traits",
+        f"  state: {settings.state.dir} "
+        + (f"(replaces the record of {known_users} known users" if known_users else "(empty")
+        + (f"; {summary.exited} exits recorded as sent)" if summary.exited else ")"),
+    ]
+    return "\n".join(lines)
+
+
 def _verify_sample(settings: Settings, result: Diff, sample_size: int) -> list[str]:
-    """Compare ``sample_size`` random planned customers with what Amberflo holds."""
-    records = list(plan_customers(result))
-    chosen = random.sample(records, min(sample_size, len(records)))
-    mismatches: list[str] = []
+    """Differences between ``sample_size`` random users to record and Amberflo's customers.
+
+    For each managed key the snapshot's value must be Amberflo's, except that an audience the
+    user is not in may be absent or ``"false"`` on either side (both mean "not a member").
+    A name or email the snapshot gives must match too. Returns one line per difference.
+    """
+    size = min(sample_size, len(result.desired))
+    rows = sorted(random.sample(range(len(result.desired)), size))
+    sample = replace(result, desired=result.desired.iloc[rows], kinds=result.kinds.iloc[rows])
+    audiences = set(result.audience_keys)
+    differences: list[str] = []
     with client_for(settings) as client:
-        for record in chosen:
-            existing = client.get_customer(record.customer_id) or {}
+        for record in plan_customers(sample):
+            existing = client.get_customer(record.customer_id)
+            if existing is None:
+                differences.append(f"{record.customer_id}: not a customer in Amberflo")
+                continue
             traits: Mapping[str, Any] = existing.get("traits") or {}
-            for key, value in record.traits.items():
-                if traits.get(key) != value:
-                    mismatches.append(
-                        f"{record.customer_id}: {key} is {traits.get(key)!r} in Amberflo, "
-                        f"{value!r} in the snapshot"
+            for key in (*result.audience_keys, *result.trait_keys):
+                ours, theirs = record.traits.get(key), traits.get(key)
+                if key in audiences and ours in (None, "false") and theirs in (None, "false"):
+                    continue
+                if ours != theirs:
+                    differences.append(
+                        f"{record.customer_id}: {key} is {theirs!r} in Amberflo, "
+                        f"{ours!r} in the snapshot"
                     )
-            if not existing:
-                mismatches.append(f"{record.customer_id}: not in Amberflo")
-    return mismatches
+            for field, ours, theirs in (
+                ("name", record.name, existing.get("customerName")),
+                ("email", record.email, existing.get("customerEmail")),
+            ):
+                if ours is not None and ours != theirs:
+                    differences.append(
+                        f"{record.customer_id}: {field} is {theirs!r} in Amberflo, "
+                        f"{ours!r} in the snapshot"
+                    )
+    return differences
