@@ -92,17 +92,25 @@ def run(
     """Diff the Engage snapshot against the acknowledged state and upsert changed users."""
     from sync.pipeline import RunOptions, run_sync
     from sync.report import report_format
+    from sync.signals import graceful_stop
 
     if report_file is not None:
         report_format(report_file)  # a wrong extension is a usage error before any work
     settings = _settings(config_file, require_api_key=not dry_run)
-    result = run_sync(
-        settings,
-        RunOptions(
-            full=full, dry_run=dry_run, report_file=report_file, allow_mass_exit=allow_mass_exit
-        ),
-        console=_console(),
-    )
+    # SIGTERM/SIGINT: finish the requests in flight, commit what Amberflo acknowledged,
+    # record the run as interrupted (exit 3); a second signal exits at once.
+    with graceful_stop() as stop:
+        result = run_sync(
+            settings,
+            RunOptions(
+                full=full,
+                dry_run=dry_run,
+                report_file=report_file,
+                allow_mass_exit=allow_mass_exit,
+            ),
+            console=_console(),
+            stop=stop,
+        )
     sys.exit(result.exit_code)
 
 
