@@ -150,45 +150,85 @@ def run_sync(
     bind_run(run_id, command="run")
     started = _now()
     store = StateStore(settings.state.dir)
+    # The run's line in runs.jsonl, filled in as the run goes so that a run that fails half way
+    # is still recorded with what it did.
+    entry: dict[str, Any] = {
+        "run_id": run_id,
+        "kind": "sync",
+        "mode": _mode(options),
+        "started_at": started.isoformat(),
+    }
     if options.dry_run:
         # A dry run takes no lock and writes nothing under the state folder: it reads the state
-        # as of the last atomic commit.
-        return _dry_run(
-            settings, options=options, store=store, run_id=run_id, started=started, console=console
-        )
-    with store.lock():
+        # as of the last atomic commit, and is not recorded in runs.jsonl.
         try:
-            return _real_run(
+            result = _dry_run(
                 settings,
                 options=options,
                 store=store,
-                run_id=run_id,
+                entry=entry,
+                started=started,
+                console=console,
+            )
+        except SyncError as exc:
+            _finish(entry, exit_code=exc.exit_code, error=str(exc), store=None)
+            raise
+        _finish(entry, exit_code=result.exit_code, store=None)
+        return result
+    with store.lock():
+        try:
+            result = _real_run(
+                settings,
+                options=options,
+                store=store,
+                entry=entry,
                 started=started,
                 console=console,
                 stop=stop,
             )
         except SyncError as exc:
-            store.record_run(
-                {
-                    "run_id": run_id,
-                    "kind": "sync",
-                    "mode": _mode(options),
-                    "started_at": started.isoformat(),
-                    "finished_at": _now().isoformat(),
-                    "exit_code": exc.exit_code,
-                    "error": str(exc),
-                }
-            )
+            _finish(entry, exit_code=exc.exit_code, error=str(exc), store=store)
             raise
+        _finish(entry, exit_code=result.exit_code, store=store)
+        return result
+
+
+def _finish(
+    entry: dict[str, Any], *, exit_code: int, store: StateStore | None, error: str | None = None
+) -> None:
+    """End the run: complete its entry, append it to ``runs.jsonl`` (unless ``store`` is None:
+    a dry run) and log the run's one ``run_finished`` summary line."""
+    entry["finished_at"] = _now().isoformat()
+    entry["exit_code"] = exit_code
+    if error is not None:
+        entry["error"] = error
+    if store is not None:
+        store.record_run(entry)
+    summary = {k: v for k, v in entry.items() if k != "run_id"}  # run_id is bound already
+    if exit_code == EXIT_OK:
+        log.info("run_finished", **summary)
+    elif exit_code == EXIT_PARTIAL:
+        log.warning("run_finished", **summary)
+    else:
+        log.error("run_finished", **summary)
 
 
 def _plan(
-    settings: Settings, options: RunOptions, store: StateStore
+    settings: Settings, options: RunOptions, store: StateStore, entry: dict[str, Any]
 ) -> tuple[KnownState, Snapshot, Diff]:
     known = _known(store.load())
     snapshot = _read(settings)
     result = diff(snapshot, known, full=options.full, samples=settings.report.samples)
     summary = result.summary
+    entry["counts"] = {
+        "in_snapshot": summary.in_snapshot,
+        "invalid": sum(summary.invalid.values()),
+        "added": summary.added,
+        "changed": summary.changed,
+        "exited": summary.exited,
+        "unchanged": summary.unchanged,
+        "to_send": summary.to_send,
+    }
     log.info(
         "diff_computed",
         in_snapshot=summary.in_snapshot,
@@ -246,11 +286,12 @@ def _dry_run(
     *,
     options: RunOptions,
     store: StateStore,
-    run_id: str,
+    entry: dict[str, Any],
     started: dt.datetime,
     console: Console,
 ) -> RunResult:
-    _, snapshot, result = _plan(settings, options, store)
+    run_id = entry["run_id"]
+    _, snapshot, result = _plan(settings, options, store, entry)
     _report(
         settings,
         options=options,
@@ -262,7 +303,6 @@ def _dry_run(
         exit_code=None,
         console=console,
     )
-    log.info("dry_run_finished", to_send=result.summary.to_send)
     return RunResult(run_id=run_id, exit_code=EXIT_OK, diff=result, delivery=None)
 
 
@@ -305,12 +345,13 @@ def _real_run(
     *,
     options: RunOptions,
     store: StateStore,
-    run_id: str,
+    entry: dict[str, Any],
     started: dt.datetime,
     console: Console,
     stop: threading.Event | None,
 ) -> RunResult:
-    known, snapshot, result = _plan(settings, options, store)
+    run_id = entry["run_id"]
+    known, snapshot, result = _plan(settings, options, store, entry)
     checkpointer = _Checkpointer(
         store,
         run_id,
@@ -359,42 +400,23 @@ def _real_run(
             )
         finally:
             # Whatever stopped delivery (an auth error, a signal), what Amberflo acknowledged
-            # is kept.
+            # is kept, and the run's record says how far it got.
             checkpointer.flush()
+            failure_file = str(failures.path) if failures.count else None
+            entry["counts"].update(delivered=len(checkpointer.acknowledged), failed=failures.count)
+            entry["failure_file"] = failure_file
     new_state = apply_acknowledged(known, result, checkpointer.acknowledged)
     store.commit(_stored(new_state, run_id), run_id)
-    failure_file = str(failures.path) if failures.count else None
     delivery = DeliverySummary(
         delivered=delivery.delivered,
         failed=delivery.failed,
         failure_file=failure_file,
         interrupted=delivery.interrupted,
     )
+    entry["interrupted"] = delivery.interrupted
     exit_code = EXIT_OK if delivery.failed == 0 and not delivery.interrupted else EXIT_PARTIAL
-    finished = _now()
-    summary = result.summary
-    entry: dict[str, Any] = {
-        "run_id": run_id,
-        "kind": "sync",
-        "mode": _mode(options),
-        "started_at": started.isoformat(),
-        "finished_at": finished.isoformat(),
-        "exit_code": exit_code,
-        "interrupted": delivery.interrupted,
-        "counts": {
-            "in_snapshot": summary.in_snapshot,
-            "invalid": sum(summary.invalid.values()),
-            "added": summary.added,
-            "changed": summary.changed,
-            "exited": summary.exited,
-            "unchanged": summary.unchanged,
-            "to_send": summary.to_send,
-            "delivered": delivery.delivered,
-            "failed": delivery.failed,
-        },
-        "failure_file": failure_file,
-    }
-    store.record_run(entry)
+    # The report comes before the run is recorded: a report that cannot be written fails the
+    # run (exit 1), and run_sync records it once, with these counts and the error.
     _report(
         settings,
         options=options,
@@ -406,7 +428,6 @@ def _real_run(
         exit_code=exit_code,
         console=console,
     )
-    log.info("run_finished", **{k: v for k, v in entry.items() if k != "run_id"})
     return RunResult(run_id=run_id, exit_code=exit_code, diff=result, delivery=delivery)
 
 
