@@ -437,7 +437,8 @@ def confirm(console: Console, question: str) -> bool:
     Callers check :func:`require_answer` first, so a script without a terminal is refused
     up front instead of reading an empty answer as "no" and exiting 0.
     """
-    console.print(f"{question} [y/N] ", end="")
+    # markup=False: "[y/N]" would otherwise be read as a style tag and vanish.
+    console.print(f"{question} [y/N] ", end="", markup=False)
     try:
         answer = input()
     except EOFError:
@@ -482,7 +483,10 @@ def adopt_state(settings: Settings, *, yes: bool, verify: int, console: Console)
                 f"{limit:.0%}); nothing was recorded. Check the snapshot; to adopt it anyway, "
                 "run `amberflo-sync state reset` first"
             )
-        console.print(_adoption_summary(settings, snapshot, result, known_users=len(known.users)))
+        console.print(
+            _adoption_summary(settings, snapshot, result, known_users=len(known.users)),
+            markup=False,
+        )
         if verify > 0:
             differences = _verify_sample(settings, result, verify)
             if differences:
@@ -578,3 +582,24 @@ def _verify_sample(settings: Settings, result: Diff, sample_size: int) -> list[s
                         f"{ours!r} in the snapshot"
                     )
     return differences
+
+
+def record_failed_run(
+    settings: Settings, *, run_id: str, kind: str, started: dt.datetime, error: str
+) -> None:
+    """Record in ``runs.jsonl`` a run that ended in an unexpected error (exit 1).
+
+    The scheduler outlives a failing run; a run that failed on a :class:`SyncError` records
+    itself, and this records the others so ``history`` and the alerts still see them.
+    """
+    StateStore(settings.state.dir).record_run(
+        {
+            "run_id": run_id,
+            "kind": kind,
+            "mode": "run" if kind == "sync" else kind,
+            "started_at": started.isoformat(),
+            "finished_at": _now().isoformat(),
+            "exit_code": EXIT_FATAL,
+            "error": error,
+        }
+    )

@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sync.config import Settings
@@ -40,14 +41,14 @@ def show_user(settings: Settings, user_id: str, *, as_json: bool, console: Conso
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("customer", str(row["customer_id"]))
+    table.add_row("customer", _text(row["customer_id"]))
     table.add_row("name", _text(row["name"]))
     table.add_row("email", _text(row["email"]))
     where = "committed" if row["committed"] else "pending checkpoint (not yet committed)"
     table.add_row("last run", f"{_text(row['last_run'])}  [dim]({where})[/dim]")
     keys: dict[str, str] = row["keys"]
     for number, (key, value) in enumerate(keys.items()):
-        table.add_row("keys" if number == 0 else "", f"{key} = {value}")
+        table.add_row("keys" if number == 0 else "", _text(f"{key} = {value}"))
     if not keys:
         table.add_row("keys", "(none)")
     console.print(table)
@@ -70,9 +71,11 @@ def reset_state(settings: Settings, *, yes: bool, console: Console) -> int:
             return EXIT_USAGE
         backup = store.reset()
     if backup is None:
-        console.print(f"No state in {settings.state.dir}; nothing to reset.")
+        console.print(f"No state in {settings.state.dir}; nothing to reset.", markup=False)
     else:
-        console.print(f"State moved to {backup}; the next run is an initial full sync.")
+        console.print(
+            f"State moved to {backup}; the next run is an initial full sync.", markup=False
+        )
     return EXIT_OK
 
 
@@ -83,12 +86,14 @@ def state_info(settings: Settings, *, as_json: bool, console: Console) -> int:
         console.print_json(json.dumps(info_document(info), sort_keys=True))
         return EXIT_OK
     if not info.exists and not info.checkpoints_pending:
-        console.print(f"No state in {info.directory}: the next run is an initial full sync.")
+        console.print(
+            f"No state in {info.directory}: the next run is an initial full sync.", markup=False
+        )
         return EXIT_OK
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("state", str(info.directory))
+    table.add_row("state", _text(info.directory))
     table.add_row("format version", str(info.format_version))
     table.add_row("users", f"{info.users:,}")
     table.add_row("last run", f"{_text(info.last_run)} (committed {_text(info.updated_at)})")
@@ -127,7 +132,8 @@ def info_document(info: StateInfo) -> dict[str, Any]:
 
 
 def _text(value: object) -> str:
-    return "-" if value is None else str(value)
+    """A stored value for a table cell: ``-`` for none, markup characters kept literal."""
+    return "-" if value is None else escape(str(value))
 
 
 def _keys(keys: tuple[str, ...]) -> str:
