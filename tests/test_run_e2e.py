@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -154,33 +155,46 @@ def test_a_rejected_customer_fails_alone_and_is_the_only_one_retried(
     assert held(emulator) == AFTER_1
 
 
+def slow_job(root: Path, emulator: EmulatorHandle) -> tuple[Job, dict[str, Any]]:
+    """A job of KILL_USERS new users that takes a couple of seconds to send, and the customers
+    it must leave in Amberflo."""
+    job = Job(root, emulator.url, amberflo={"concurrency": 2})
+    rows = [(f"k{n:03d}", f"K {n}", "", "true", "false", f"p{n}", "") for n in range(KILL_USERS)]
+    job.write(rows)
+    # Two requests per new customer (GET, POST) at 50 ms each, two at a time: about 2 s of
+    # sending, so a signal lands well inside it.
+    emulator.set_faults(latency_ms=50)
+    expected = {
+        f"k{n:03d}": (f"K {n}", None, {"vip_users": "true", "plan": f"p{n}"})
+        for n in range(KILL_USERS)
+    }
+    return job, expected
+
+
+def signal_mid_send(job: Job, emulator: EmulatorHandle, signum: signal.Signals) -> int:
+    """Start the job, send ``signum`` once customers arrive and a checkpoint is written, and
+    return the run's exit status (negative: killed by that signal)."""
+    with (job.root / f"{signum.name}.log").open("w") as log:
+        process = subprocess.Popen(
+            job.command(), env=job.env(), cwd=job.root, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            _wait_for(lambda: len(emulator.customers()) >= 10 and _checkpoints(job.state))
+            assert process.poll() is None, "the run finished before the signal"
+            process.send_signal(signum)
+        finally:
+            status = process.wait(timeout=30)
+    return status
+
+
 def test_a_run_killed_mid_send_resumes_from_its_last_checkpoint(
     tmp_path: Path, emulator: EmulatorHandle
 ) -> None:
     """After SIGKILL in the middle of sending, the state still loads, the rerun sends exactly
     the users no checkpoint held, and Amberflo ends right."""
-    job = Job(tmp_path, emulator.url, amberflo={"concurrency": 2})
-    rows = [(f"k{n:03d}", f"K {n}", "", "true", "false", f"p{n}", "") for n in range(KILL_USERS)]
-    job.write(rows)
-    expected = {
-        f"k{n:03d}": (f"K {n}", None, {"vip_users": "true", "plan": f"p{n}"})
-        for n in range(KILL_USERS)
-    }
-    # Two requests per new customer (GET, POST) at 50 ms each, two at a time: about 2 s of
-    # sending, so the kill lands well inside it.
-    emulator.set_faults(latency_ms=50)
-    log = (tmp_path / "killed.log").open("w")
-    process = subprocess.Popen(
-        job.command(), env=job.env(), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        _wait_for(lambda: len(emulator.customers()) >= 10 and _checkpoints(job.state))
-        assert process.poll() is None, "the run finished before it could be killed"
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait(timeout=30)
-        log.close()
-    assert process.returncode == -signal.SIGKILL
+    job, expected = slow_job(tmp_path, emulator)
+
+    assert signal_mid_send(job, emulator, signal.SIGKILL) == -signal.SIGKILL
 
     acknowledged = set(StateStore(job.state).load().users.index)
     assert 5 <= len(acknowledged) < KILL_USERS
@@ -197,6 +211,31 @@ def test_a_run_killed_mid_send_resumes_from_its_last_checkpoint(
     assert held(emulator) == expected
     users = StateStore(job.state).load().users
     assert sorted(users.index) == sorted(expected)
+
+
+def test_sigterm_stops_after_the_requests_in_flight_and_commits_them(
+    tmp_path: Path, emulator: EmulatorHandle
+) -> None:
+    """SIGTERM mid-send ends the run with exit 3 recorded as interrupted, every user Amberflo
+    holds is committed (no checkpoint left over), and the rerun sends exactly the others."""
+    job, expected = slow_job(tmp_path, emulator)
+
+    assert signal_mid_send(job, emulator, signal.SIGTERM) == 3
+
+    run = job.last_run()
+    assert (run["exit_code"], run["interrupted"]) == (3, True)
+    assert not _checkpoints(job.state)
+    committed = set(StateStore(job.state).load().users.index)
+    assert committed == set(emulator.customers())
+    assert run["counts"]["delivered"] == len(committed) < KILL_USERS
+
+    emulator.set_faults(latency_ms=0)
+    mark = len(emulator.requests())
+    rerun = job.run()
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert set(looked_up(emulator, mark)) == set(expected) - committed
+    assert held(emulator) == expected
 
 
 def _checkpoints(state: Path) -> bool:
