@@ -3,7 +3,18 @@
 The scheduler feeds each run's outcome to :class:`AlertTracker`, which remembers whether runs
 were healthy and fires once when runs start failing, once when they recover, and once when the
 share of rejected users or the volume of changes jumps past its threshold (and again only after
-it has come back under). An alert is a JSON document POSTed to ``alerts.webhook_url`` and/or
+it has come back under).
+
+- *Failing* means exit 1 (fatal) or 2, or a run in which every user to send failed (Amberflo
+  down: exit 3 with nothing delivered). Any other exit 3 (partial: some users failed, retried
+  next time) is a working run, judged by its rejected share instead. Exit 4 (another run held
+  the lock) says nothing about health and changes nothing.
+- *Rejected share*: failed users / users to send, against ``alerts.max_failed_fraction``.
+- *Change volume*: users to send / users in the snapshot, against
+  ``alerts.max_change_fraction``; a first sync (every managed key new to the state) is large by
+  design and is not judged.
+
+An alert is a JSON document POSTed to ``alerts.webhook_url`` and/or
 given on standard input to ``alerts.command``; a failing alert is logged and never fails a run.
 """
 
@@ -20,6 +31,7 @@ from typing import Any, Literal
 import structlog
 
 from sync.config import AlertSettings, child_environment
+from sync.errors import EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +48,7 @@ class RunOutcome:
     to_send: int = 0
     in_snapshot: int = 0
     failed: int = 0
+    initial: bool = False
 
 
 @dataclass(slots=True)
@@ -49,9 +62,10 @@ class AlertTracker:
     def observe(self, outcome: RunOutcome) -> list[AlertKind]:
         """Record one run; return the alerts it triggers (and send them)."""
         alerts: list[AlertKind] = []
-        # Exit 3 (partial) is not "failing": the run worked and retries the rest next time;
-        # the rejected share covers it.
-        now_failing = outcome.exit_code not in (0, 3)
+        if outcome.exit_code == EXIT_LOCKED:
+            return alerts
+        nothing_went = outcome.to_send > 0 and outcome.failed >= outcome.to_send
+        now_failing = outcome.exit_code not in (EXIT_OK, EXIT_PARTIAL) or nothing_went
         if now_failing and not self.failing:
             alerts.append("failing")
         elif self.failing and not now_failing:
@@ -63,7 +77,10 @@ class AlertTracker:
             alerts += self._threshold(
                 "rejections_high", rejected, self.settings.max_failed_fraction
             )
-            alerts += self._threshold("changes_high", changed, self.settings.max_change_fraction)
+            if not outcome.initial:
+                alerts += self._threshold(
+                    "changes_high", changed, self.settings.max_change_fraction
+                )
         for kind in alerts:
             send_alert(self.settings, kind, outcome)
         return alerts
