@@ -10,9 +10,9 @@ it has come back under).
   next time) is a working run, judged by its rejected share instead. Exit 4 (another run held
   the lock) says nothing about health and changes nothing.
 - *Rejected share*: failed users / users to send, against ``alerts.max_failed_fraction``.
-- *Change volume*: users to send / users in the snapshot, against
-  ``alerts.max_change_fraction``; a first sync (every managed key new to the state) is large by
-  design and is not judged.
+- *Change volume*: known users whose record changes or exits / users in the snapshot, against
+  ``alerts.max_change_fraction``. New users are growth rather than churn (and a first sync is
+  all new users), so they do not count; a snapshot whose ids changed format shows up as exits.
 
 An alert is a JSON document POSTed to ``alerts.webhook_url`` and/or
 given on standard input to ``alerts.command``; a failing alert is logged and never fails a run.
@@ -48,7 +48,7 @@ class RunOutcome:
     to_send: int = 0
     in_snapshot: int = 0
     failed: int = 0
-    initial: bool = False
+    changed: int = 0
 
 
 @dataclass(slots=True)
@@ -73,14 +73,11 @@ class AlertTracker:
         self.failing = now_failing
         if not now_failing:
             rejected = outcome.failed / outcome.to_send if outcome.to_send else 0.0
-            changed = outcome.to_send / outcome.in_snapshot if outcome.in_snapshot else 0.0
+            changed = outcome.changed / outcome.in_snapshot if outcome.in_snapshot else 0.0
             alerts += self._threshold(
                 "rejections_high", rejected, self.settings.max_failed_fraction
             )
-            if not outcome.initial:
-                alerts += self._threshold(
-                    "changes_high", changed, self.settings.max_change_fraction
-                )
+            alerts += self._threshold("changes_high", changed, self.settings.max_change_fraction)
         for kind in alerts:
             send_alert(self.settings, kind, outcome)
         return alerts
@@ -105,6 +102,7 @@ def alert_document(kind: AlertKind, outcome: RunOutcome) -> dict[str, Any]:
         "to_send": outcome.to_send,
         "failed": outcome.failed,
         "in_snapshot": outcome.in_snapshot,
+        "changed": outcome.changed,
     }
 
 

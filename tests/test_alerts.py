@@ -21,13 +21,16 @@ printf '%s %s\\n' "$AMBERFLO_SYNC_ALERT" "${AMBERFLO_API_KEY:-no-key}" >> "$1.en
 """
 
 
-def ok(run: str, *, to_send: int = 10, in_snapshot: int = 1000, failed: int = 0) -> RunOutcome:
+def ok(
+    run: str, *, to_send: int = 10, in_snapshot: int = 1000, failed: int = 0, changed: int = 0
+) -> RunOutcome:
     return RunOutcome(
         run_id=run,
         exit_code=3 if failed else 0,
         to_send=to_send,
         in_snapshot=in_snapshot,
         failed=failed,
+        changed=changed,
     )
 
 
@@ -82,13 +85,18 @@ def test_rejected_share_alerts_when_it_crosses_the_threshold_and_again_after_fal
     assert kinds == [[], ["rejections_high"], [], [], ["rejections_high"]]
 
 
-def test_change_volume_alerts_but_not_for_a_first_sync(tracker: AlertTracker) -> None:
-    """Sending most of the snapshot alerts, except on an initial sync where that is the point."""
-    first = RunOutcome(run_id="r1", exit_code=0, to_send=95, in_snapshot=100, initial=True)
+def test_change_volume_counts_changed_and_exited_users_not_new_ones(tracker: AlertTracker) -> None:
+    """Known users changing or exiting past max_change_fraction alert; new users (a first sync
+    is all new users) do not."""
+    first_sync = ok("r1", to_send=950, changed=0)
+    quiet = ok("r2", to_send=60, changed=50)
+    churn = ok("r3", to_send=600, changed=600)
 
-    assert tracker.observe(first) == []
-    assert tracker.observe(ok("r2", to_send=50)) == []
-    assert tracker.observe(ok("r3", to_send=600)) == ["changes_high"]
+    assert [tracker.observe(run) for run in (first_sync, quiet, churn)] == [
+        [],
+        [],
+        ["changes_high"],
+    ]
 
 
 def test_a_locked_run_changes_nothing(tracker: AlertTracker, received: Path) -> None:
