@@ -43,8 +43,16 @@ def _settings(config_file: Path | None, *, require_api_key: bool) -> Settings:
     return settings
 
 
+# Off a terminal (cron mail, a CI log, a pipe) Rich would lay tables out for 80 columns and wrap
+# every long line there, breaking the run ids and file paths a reader copies into the next
+# command; so tables get room and plain lines are never wrapped.
+_PIPE_WIDTH = 120
+
+
 def _console() -> Console:
-    return Console(file=sys.stdout, soft_wrap=False)
+    if sys.stdout.isatty():
+        return Console(file=sys.stdout, soft_wrap=False)
+    return Console(file=sys.stdout, soft_wrap=True, width=_PIPE_WIDTH)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -90,13 +98,15 @@ def run(
     allow_mass_exit: bool,
 ) -> None:
     """Diff the Engage snapshot against the acknowledged state and upsert changed users."""
-    from sync.pipeline import RunOptions, run_sync
     from sync.report import report_format
     from sync.signals import graceful_stop
 
     if report_file is not None:
         report_format(report_file)  # a wrong extension is a usage error before any work
     settings = _settings(config_file, require_api_key=not dry_run)
+    # pandas and pyarrow load here, after the cheap checks: a usage error answers at once.
+    from sync.pipeline import RunOptions, run_sync
+
     # SIGTERM/SIGINT: finish the requests in flight, commit what Amberflo acknowledged,
     # record the run as interrupted (exit 3); a second signal exits at once.
     with graceful_stop() as stop:
