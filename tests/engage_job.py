@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import pandas as pd
+
 from sync.emulator import EmulatorHandle
 from sync.state import StateStore
 
@@ -94,6 +96,27 @@ class Job:
             writer = csv.writer(handle)
             writer.writerow(COLUMNS)
             writer.writerows(rows)
+
+    def write_parquet(self, rows: Sequence[Sequence[str]]) -> Path:
+        """Write ``rows`` as ``snapshot.parquet`` with typed columns, as a warehouse export has
+        them: boolean audiences, a nullable integer ``orders_count``, nulls for empty cells."""
+        columns = {name: [row[i] or None for row in rows] for i, name in enumerate(COLUMNS)}
+        frame = pd.DataFrame(
+            {
+                **{name: pd.array(columns[name], dtype="string") for name in COLUMNS[:3]},
+                **{
+                    name: pd.array([v == "true" for v in columns[name]], dtype="boolean")
+                    for name in COLUMNS[3:5]
+                },
+                "plan": pd.array(columns["plan"], dtype="string"),
+                "orders_count": pd.array(
+                    [None if v is None else int(v) for v in columns["orders_count"]], dtype="Int64"
+                ),
+            }
+        )
+        path = self.root / "snapshot.parquet"
+        frame.to_parquet(path, index=False)
+        return path
 
     def command(self, *args: str) -> list[str]:
         """The argv of ``amberflo-sync run`` with this job's config and ``args``."""

@@ -92,6 +92,20 @@ def test_merge_mode_keeps_traits_set_by_someone_else(job: Job, emulator: Emulato
     assert traits == {**AFTER_1["u1"][2], "stripeId": "cus_42"}
 
 
+def test_a_typed_parquet_snapshot_syncs_like_the_csv(
+    tmp_path: Path, emulator: EmulatorHandle
+) -> None:
+    """A Parquet snapshot with boolean audiences and a nullable integer trait leaves the same
+    customers as the CSV of the same users (integers as 3, not 3.0)."""
+    job = Job(tmp_path, emulator.url, source={"path": "snapshot.parquet"})
+    job.write_parquet(SNAPSHOT_1)
+
+    result = job.run()
+
+    assert result.returncode == 0, result.stderr
+    assert held(emulator) == AFTER_1
+
+
 def test_a_run_converges_under_a_30_percent_fault_rate(
     tmp_path: Path, seeded: EmulatorHandle
 ) -> None:
