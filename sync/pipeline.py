@@ -241,15 +241,25 @@ def _plan(
     )
     for reason, count in summary.invalid.items():
         log.warning("invalid_rows_left_out", reason=reason, rows=count)
-    limit = settings.safety.max_exit_fraction
-    if result.mass_exit_fraction > limit and not options.allow_mass_exit:
-        raise MassExitError(
-            f"this run would exit {summary.exited} of {len(known.users)} known users "
-            f"({result.mass_exit_fraction:.0%}, more than safety.max_exit_fraction={limit:.0%}); "
-            "is the snapshot empty or truncated? Nothing was sent. If the exits are real, run "
-            "again with --allow-mass-exit"
-        )
     return known, snapshot, result
+
+
+def _check_mass_exit(
+    settings: Settings, options: RunOptions, known: KnownState, result: Diff
+) -> None:
+    """Raise :class:`MassExitError` when the run would exit too large a share of known users."""
+    limit = settings.safety.max_exit_fraction
+    if result.mass_exit_fraction <= limit or options.allow_mass_exit:
+        return
+    outcome = (
+        "A real run would stop here and send nothing" if options.dry_run else "Nothing was sent"
+    )
+    raise MassExitError(
+        f"this run would exit {result.summary.exited} of {len(known.users)} known users "
+        f"({result.mass_exit_fraction:.0%}, more than safety.max_exit_fraction={limit:.0%}); "
+        f"is the snapshot empty or truncated? {outcome}. If the exits are real, run again "
+        "with --allow-mass-exit"
+    )
 
 
 def _report(
@@ -291,7 +301,7 @@ def _dry_run(
     console: Console,
 ) -> RunResult:
     run_id = entry["run_id"]
-    _, snapshot, result = _plan(settings, options, store, entry)
+    known, snapshot, result = _plan(settings, options, store, entry)
     _report(
         settings,
         options=options,
@@ -303,6 +313,9 @@ def _dry_run(
         exit_code=None,
         console=console,
     )
+    # After the report: a dry run is how one looks at a suspicious snapshot, so it shows the
+    # exits, then fails as the real run would.
+    _check_mass_exit(settings, options, known, result)
     return RunResult(run_id=run_id, exit_code=EXIT_OK, diff=result, delivery=None)
 
 
@@ -352,6 +365,7 @@ def _real_run(
 ) -> RunResult:
     run_id = entry["run_id"]
     known, snapshot, result = _plan(settings, options, store, entry)
+    _check_mass_exit(settings, options, known, result)
     checkpointer = _Checkpointer(
         store,
         run_id,

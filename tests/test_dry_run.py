@@ -158,3 +158,23 @@ def test_the_html_report_is_self_contained_with_a_chart_and_samples(job: Job) ->
     text = " ".join(page.text)
     for customer_id in ("u1", "u4", "u5", "u6"):
         assert customer_id in text
+
+
+def test_a_dry_run_of_a_mass_exit_reports_it_then_fails_as_the_run_would(
+    job: Job, emulator: EmulatorHandle
+) -> None:
+    """A dry run of an empty snapshot writes the report showing every exit, then exits 1 with
+    the guard's message, still without any request."""
+    job.write(SNAPSHOT_1)
+    assert job.run().returncode == 0
+    requests = emulator.stats()["requests_total"]
+    job.write([])
+    out = job.root / "dry.json"
+
+    result = job.run("--dry-run", "--report", str(out), key=None)
+
+    assert result.returncode == 1
+    assert "A real run would stop here" in result.stderr
+    assert "--allow-mass-exit" in result.stderr
+    assert report(out)["counts"]["exited"] == 4
+    assert emulator.stats()["requests_total"] == requests
