@@ -2,7 +2,8 @@
 
 ::
 
-    state.parquet            the users table as of the last commit (zstd)
+    state.parquet            the users table as of the last commit (zstd), with the store's
+                             ``_last_run`` per user (see ``_last_run.py``)
     state.parquet.next       a commit in flight: written before the manifest, renamed after it
     manifest.json            the commit point: version, keys, row count, size and sha256
     checkpoints/<run_id>-<seq>.parquet   acknowledged users since the last commit
