@@ -3,10 +3,14 @@ commits state.
 
 One run::
 
-    lock -> load state -> read snapshot -> diff -> mass-exit guard -> plan
-         -> dry run: report, stop (no lock, no network, no write)
-         -> deliver (concurrent) -> checkpoint acknowledged users as they come -> commit
-         -> failure file, runs.jsonl line, report, one summary log line
+    lock (not for a dry run) -> load state -> read snapshot -> diff -> plan
+         -> dry run: report, mass-exit guard, stop (no network, no write)
+         -> mass-exit guard -> deliver (concurrent)
+         -> checkpoint acknowledged users as they come -> commit
+         -> failure file, report, runs.jsonl line, one run_finished log line
+
+Every run, dry or not, failed or not, ends with exactly one ``run_finished`` log line; every
+real run that got the lock, with exactly one ``runs.jsonl`` line.
 
 Only users Amberflo acknowledged advance in state; a failed user keeps its old stored record, so
 the next run's diff sends it again. Checkpoints every ``state.checkpoint_every`` users or
