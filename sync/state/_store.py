@@ -320,7 +320,9 @@ class StateStore:
         log.debug("state_checkpoint_written", run_id=run_id, seq=seq, rows=table.num_rows)
         return path
 
-    def commit(self, state: StoredState, run_id: str, *, delivered: Sequence[str] = ()) -> None:
+    def commit(
+        self, state: StoredState, run_id: str, *, delivered: Sequence[str] | pd.Index = ()
+    ) -> None:
         """Atomically replace the committed state by ``state`` and drop the checkpoints.
 
         ``state`` must include every checkpoint written so far (it is built from :meth:`load`
@@ -358,10 +360,17 @@ class StateStore:
             checkpoints_folded=len(folded),
         )
 
-    def _stamp_last_run(self, table: pa.Table, run_id: str, delivered: Sequence[str]) -> pa.Table:
+    def _stamp_last_run(
+        self, table: pa.Table, run_id: str, delivered: Sequence[str] | pd.Index
+    ) -> pa.Table:
         """``table`` with the ``_last_run`` column the commit stores (newest source first)."""
         ids = table.column(index_column(table.schema)).combine_chunks()
-        sources = [RunSource.of_run(pa.array(list(delivered), pa.string()), run_id)]
+        # Through a pandas Index: an index of a million ids converts without Python objects.
+        values = delivered.array if isinstance(delivered, pd.Index) else list(delivered)
+        given = pa.array(values, pa.string(), from_pandas=True)
+        if isinstance(given, pa.ChunkedArray):
+            given = given.combine_chunks()
+        sources = [RunSource.of_run(given, run_id)]
         try:
             committed = self._committed(self._manifest_bytes())
             for checkpoint in reversed(committed.pending):
