@@ -9,9 +9,11 @@ Inputs
 and one column per managed key holding the value **as it goes on the wire**: a string, or NA
 for absent. Audience columns hold ``"true"`` (member), ``"false"`` (stored exit) or NA; trait
 columns hold the formatted value or NA. Values are compared as those strings, so ``5`` and
-``5.0`` differ and nulls equal nulls. Columns whose name starts with ``_`` are fingerprints
-(see :mod:`sync.fingerprint`): ``_hash`` (the record fingerprint of the snapshot row a stored
-row came from, ``0`` = unknown), ``_id_hash`` and ``_id_check`` (the id's 128-bit fingerprint).
+``5.0`` differ and nulls equal nulls. (A snapshot keeps its computed traits as read and renders
+them to wire text only for the users the diff looks at; ``Snapshot.users`` renders them all.)
+Columns whose name starts with ``_`` are fingerprints (see :mod:`sync.fingerprint`): ``_hash``
+(the record fingerprint of the snapshot row a stored row came from, ``0`` = unknown),
+``_id_hash`` and ``_id_check`` (the id's 128-bit fingerprint).
 
 Desired record
 --------------
@@ -44,13 +46,14 @@ Speed
 -----
 Snapshot and state are matched on id fingerprints with a ``uint64`` hash table (no string
 join). A matched user whose record fingerprint equals its stored ``_hash`` is unchanged without
-looking at a single value; only the others are compared value by value. Every step is a numpy
-or Arrow pass over a column, never a Python loop over users.
+looking at a single value; only the others are compared value by value, and only the traits of
+users compared or sent are rendered as text. Every step is a numpy or Arrow pass over a column,
+never a Python loop over users.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Final, Literal
@@ -75,6 +78,7 @@ __all__ = [
     "Diff",
     "KnownState",
     "Snapshot",
+    "TraitValues",
     "acknowledged_rows",
     "apply_acknowledged",
     "diff",
@@ -114,24 +118,67 @@ def _empty_invalid() -> pd.DataFrame:
     )
 
 
+def _as_text(values: pa.Array) -> pa.Array:
+    return values
+
+
+@dataclass(frozen=True, eq=False)
+class TraitValues:
+    """One computed trait of every snapshot user: the values as read, and how they go on the
+    wire.
+
+    Rendering a float column as text is the dearest step of reading a snapshot, and only the
+    few users the diff compares or sends need it, so ``render`` (elementwise: rendering some
+    rows gives those rows of rendering them all) runs on demand. ``present`` says per user
+    whether the wire value is there (not null, not NaN, not empty).
+    """
+
+    raw: pa.Array
+    render: Callable[[pa.Array], pa.Array]
+    present: Bools
+
+    @classmethod
+    def of_text(cls, text: pa.Array) -> TraitValues:
+        """Values that are wire text already."""
+        return cls(text, _as_text, _bools(text.is_valid()))
+
+    def text(self, rows: Ints | None = None) -> pa.Array:
+        """The wire text of every user, or of ``rows`` (NA = absent)."""
+        values = self.raw if rows is None else self.raw.take(pa.array(rows, type=pa.int64()))
+        rendered: pa.Array = self.render(values)
+        return rendered
+
+
 @dataclass(frozen=True, eq=False)
 class Snapshot:
     """One validated snapshot: users by id, values as they go on the wire.
 
-    ``users`` columns: ``name``, ``email``, then every audience key (``"true"`` or NA) and
-    trait key (text or NA), then the fingerprints. ``key_names`` maps each key to the name it
-    came from; ``invalid`` lists the rows left out (``customer_id`` (NA when missing),
-    ``source`` file, ``row`` (1-based record number in that file), ``reason``) and
-    ``invalid_counts`` counts them by reason; ``files`` are the files read, in order.
+    ``base`` is indexed by customer id with columns ``name``, ``email``, then every audience
+    key (``"true"`` or NA), then the fingerprints; ``traits`` holds each trait key's values
+    (see :class:`TraitValues`), in snapshot order. :attr:`users` joins them into one frame of
+    wire text. ``key_names`` maps each key to the name it came from; ``invalid`` lists the rows
+    left out (``customer_id`` (NA when missing), ``source`` file, ``row`` (1-based record
+    number in that file), ``reason``) and ``invalid_counts`` counts them by reason; ``files``
+    are the files read, in order.
     """
 
-    users: pd.DataFrame
+    base: pd.DataFrame
+    traits: Mapping[str, TraitValues]
     audience_keys: tuple[str, ...]
     trait_keys: tuple[str, ...]
     key_names: Mapping[str, str] = field(default_factory=dict)
     invalid: pd.DataFrame = field(default_factory=_empty_invalid)
     invalid_counts: Mapping[str, int] = field(default_factory=dict)
     files: tuple[str, ...] = ()
+
+    @cached_property
+    def users(self) -> pd.DataFrame:
+        """Every user with every value as wire text: ``name``, ``email``, audience keys,
+        trait keys, fingerprints (renders every trait: the diff itself never needs this)."""
+        frame = self.base.copy()
+        for key in self.trait_keys:
+            frame[key] = _text_array(self.traits[key].text())
+        return frame[["name", "email", *self.audience_keys, *self.trait_keys, *FINGERPRINTS]]
 
     @classmethod
     def from_users(
@@ -151,7 +198,8 @@ class Snapshot:
             raise ValueError("snapshot ids must be unique")
         frame[HASH] = record_fingerprints(frame, tuple(audience_keys), tuple(trait_keys))
         return cls(
-            users=frame,
+            base=frame.drop(columns=list(trait_keys)),
+            traits={key: TraitValues.of_text(_text(frame, key)) for key in trait_keys},
             audience_keys=tuple(audience_keys),
             trait_keys=tuple(trait_keys),
             key_names={key: key for key in (*audience_keys, *trait_keys)},
@@ -354,14 +402,14 @@ class _Sides:
     trait_keys: tuple[str, ...]
     position: Ints  # per snapshot user: its row in the state, or -1
     members: dict[str, Bools]
-    traits: dict[str, pa.Array]
+    traits: Mapping[str, TraitValues]
     entered: dict[str, int]
     exited: dict[str, int]
     changed: dict[str, int]
 
     @classmethod
     def of(cls, snapshot: Snapshot, state: KnownState) -> _Sides:
-        snap, known = snapshot.users, state.users
+        snap, known = snapshot.base, state.users
         keys = (*snapshot.audience_keys, *snapshot.trait_keys)
         return cls(
             snap=snap,
@@ -370,7 +418,7 @@ class _Sides:
             trait_keys=snapshot.trait_keys,
             position=_match(snap, known),
             members={key: _audience(snap, key)[0] for key in snapshot.audience_keys},
-            traits={key: _text(snap, key) for key in snapshot.trait_keys},
+            traits=snapshot.traits,
             entered=dict.fromkeys(keys, 0),
             exited=dict.fromkeys(keys, 0),
             changed=dict.fromkeys(keys, 0),
@@ -382,14 +430,14 @@ class _Sides:
         for flags in self.members.values():
             result |= flags
         for values in self.traits.values():
-            result |= _bools(values.is_valid())
+            result |= values.present
         return result
 
     def _hashes(self) -> tuple[U64, U64]:
         """Record fingerprints of the snapshot and the state (a missing column: unknown)."""
         snap_hash, state_hash = _uint64(self.snap, HASH), _uint64(self.known, HASH)
         if snap_hash is None:
-            snap_hash = record_fingerprints(self.snap, self.audience_keys, self.trait_keys)
+            raise ValueError("a snapshot's base frame must carry its record fingerprints")
         if state_hash is None:
             state_hash = np.full(len(self.known), UNKNOWN, dtype=np.uint64)
         return snap_hash, state_hash
@@ -419,9 +467,8 @@ class _Sides:
             differs |= now != was
             self.entered[key] += int((now & ~was).sum())
             self.exited[key] += int((~now & was).sum())
-        taken = pa.array(rows)
         for key, values in self.traits.items():
-            changed = _differs(values.take(taken), _text(self.known, key, stored_rows))
+            changed = _differs(values.text(rows), _text(self.known, key, stored_rows))
             differs |= changed
             self.changed[key] += int(changed.sum())
         for column in ("name", "email"):
@@ -436,9 +483,8 @@ class _Sides:
         """Count new users ``rows``: every value they hold is an entry or a change."""
         for key, member in self.members.items():
             self.entered[key] += int(member[rows].sum())
-        taken = pa.array(rows)
         for key, values in self.traits.items():
-            self.changed[key] += _count(values.take(taken))
+            self.changed[key] += int(values.present[rows].sum())
 
     def count_exited(self, stored_rows: Ints) -> None:
         """Count exited users: every ``"true"`` is an exit, every trait value a change."""
@@ -483,7 +529,7 @@ class _Sides:
             data[key] = pd.Categorical.from_codes(codes.astype(np.int8), dtype=AUDIENCE_DTYPE)
         for key in self.trait_keys:
             # A trait holds its snapshot value; an exit's traits are absent.
-            values = self.traits[key].take(pa.array(rows))
+            values = self.traits[key].text(rows)
             data[key] = _text_array(pa.concat_arrays([values, pa.nulls(len(gone), pa.string())]))
         data[HASH] = np.concatenate(
             [self._hashes()[0][rows], np.full(len(gone), UNKNOWN, np.uint64)]
@@ -534,11 +580,12 @@ def diff(snapshot: Snapshot, state: KnownState, *, full: bool = False, samples: 
     still_held, ever_held = sides.held(gone)
     sides.count_exited(gone[still_held])
 
-    kind_of_row = np.full(len(snapshot.users), KINDS.index("unchanged"), dtype=np.int8)
+    size = len(snapshot.base)
+    kind_of_row = np.full(size, KINDS.index("unchanged"), dtype=np.int8)
     kind_of_row[added_rows] = KINDS.index("added")
     kind_of_row[changed_rows] = KINDS.index("changed")
     if full:
-        had = np.zeros(len(snapshot.users), dtype=bool)
+        had = np.zeros(size, dtype=bool)
         had[both] = sides.held(sides.position[both])[1]
         send_rows = np.flatnonzero(has_value | had)
         gone_sent = ever_held
@@ -560,12 +607,12 @@ def diff(snapshot: Snapshot, state: KnownState, *, full: bool = False, samples: 
     managed = (*snapshot.audience_keys, *snapshot.trait_keys)
     stored_keys = (*state.audience_keys, *state.trait_keys)
     summary = DiffSummary(
-        in_snapshot=len(snapshot.users),
+        in_snapshot=size,
         invalid=dict(snapshot.invalid_counts),
         added=len(added_rows),
         changed=len(changed_rows),
         exited=exited,
-        unchanged=len(snapshot.users) + len(gone) - len(added_rows) - len(changed_rows) - exited,
+        unchanged=size + len(gone) - len(added_rows) - len(changed_rows) - exited,
         to_send=len(desired),
         keys=sides.key_stats(),
         new_keys=tuple(key for key in managed if key not in stored_keys),
@@ -585,7 +632,7 @@ def diff(snapshot: Snapshot, state: KnownState, *, full: bool = False, samples: 
         summary=summary,
         mass_exit_fraction=exited / len(known) if len(known) else 0.0,
         dropped_keys=tuple(key for key in stored_keys if key not in managed),
-        refreshed=snapshot.users.iloc[stale][list(FINGERPRINTS)],
+        refreshed=snapshot.base.iloc[stale][list(FINGERPRINTS)],
     )
 
 

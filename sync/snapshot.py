@@ -55,6 +55,7 @@ from sync.diff import (
     INDEX_NAME,
     TEXT_DTYPE,
     Snapshot,
+    TraitValues,
 )
 from sync.errors import ConfigError, SourceError
 from sync.fingerprint import U64, RecordFingerprint, id_fingerprints
@@ -765,9 +766,10 @@ def read_snapshot(source: SourceSettings, key_overrides: Mapping[str, str]) -> S
                 column=name,
                 hint="an empty column is read as a trait; list audiences under source.audiences",
             )
-    frame = _frame(users, keys)
+    frame, traits = _frame(users, keys)
     snapshot = Snapshot(
-        users=frame,
+        base=frame,
+        traits=traits,
         audience_keys=tuple(keys[name] for name in users.audiences),
         trait_keys=tuple(keys[name] for name in users.traits),
         key_names={key: name for name, key in keys.items()},
@@ -786,8 +788,8 @@ def read_snapshot(source: SourceSettings, key_overrides: Mapping[str, str]) -> S
     return snapshot
 
 
-def _frame(users: _Users, keys: Mapping[str, str]) -> pd.DataFrame:
-    """The canonical users frame, fingerprints included."""
+def _frame(users: _Users, keys: Mapping[str, str]) -> tuple[pd.DataFrame, dict[str, TraitValues]]:
+    """The canonical users frame without the traits, fingerprints included; the traits."""
     size = len(users.ids)
     fingerprint = RecordFingerprint(size)
     data: dict[str, object] = {}
@@ -798,21 +800,30 @@ def _frame(users: _Users, keys: Mapping[str, str]) -> pd.DataFrame:
         fingerprint.add_flag(keys[name], flags)
         codes = np.where(flags, 1, -1).astype(np.int8)
         data[keys[name]] = pd.Categorical.from_codes(codes, dtype=AUDIENCE_DTYPE)
+    traits: dict[str, TraitValues] = {}
     for name, raw in users.traits.items():
-        text = render(raw)
         if _is_number(raw.type):
-            # Hash the typed numbers: no need to hash their text again (see sync.fingerprint).
+            # Hash the typed numbers (see sync.fingerprint) and leave their text for later:
+            # only the users the diff compares or sends are ever rendered.
             fingerprint.add_numbers(keys[name], raw)
+            traits[keys[name]] = TraitValues(raw, render, _renders_present(raw))
         else:
+            text = render(raw)
             fingerprint.add_strings(keys[name], text)
-        data[keys[name]] = _text_array(text)
+            traits[keys[name]] = TraitValues.of_text(text)
     data[HASH] = fingerprint.finish()
     data[ID_HASH], data[ID_CHECK] = users.fingerprints or id_fingerprints(users.ids)
     index = pd.Index(_text_array(users.ids), name=INDEX_NAME)
     frame = pd.DataFrame(data, index=index)
-    return frame[
-        ["name", "email", *(keys[n] for n in (*users.audiences, *users.traits)), *FINGERPRINTS]
-    ]
+    return frame[["name", "email", *(keys[n] for n in users.audiences), *FINGERPRINTS]], traits
+
+
+def _renders_present(values: pa.Array) -> Bools:
+    """Per cell of a number or boolean column: :func:`render` gives a value (NaN is absent)."""
+    present = _bools(values.is_valid())
+    if pa.types.is_floating(values.type):
+        present &= ~_bools(pc.fill_null(pc.is_nan(values), True))
+    return present
 
 
 def _is_number(kind: pa.DataType) -> bool:
