@@ -490,8 +490,10 @@ def adopt_state(settings: Settings, *, yes: bool, verify: int, console: Console)
     with store.lock():
         known = _known(store.load())
         snapshot = _read(settings)
-        # full=True: every snapshot user holding a value, and every exit, as a --full run sends.
-        result = diff(snapshot, known, full=True, samples=0)
+        # The users a run would send (added, changed, exited) become acknowledged; the others'
+        # stored rows already match the snapshot, so they keep them, and the run that last
+        # delivered them. A --full diff would compare every user value by value for nothing.
+        result = diff(snapshot, known, samples=0)
         summary = result.summary
         limit = settings.safety.max_exit_fraction
         if result.mass_exit_fraction > limit:
@@ -556,9 +558,13 @@ def _adoption_summary(
         + ")",
         f"  keys: {len(result.audience_keys)} audiences, {len(result.trait_keys)} traits",
         f"  state: {settings.state.dir} "
-        + (f"(replaces the record of {known_users} known users" if known_users else "(empty")
-        + (f"; {summary.exited} exits recorded as sent)" if summary.exited else ")"),
+        + (f"({known_users} known users)" if known_users else "(empty)"),
     ]
+    if known_users:
+        lines.append(
+            f"  changes recorded as sent: {summary.added} added, {summary.changed} changed, "
+            f"{summary.exited} exited; {summary.unchanged} unchanged users keep their record"
+        )
     return "\n".join(lines)
 
 
