@@ -5,15 +5,20 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import socket
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
 import httpx
+import psutil
 import pytest
 
 from sync import __version__
 from sync.amberflo import AmberfloClient, parse_retry_after
+from sync.emulator import EmulatorHandle
 from sync.errors import AuthError, PermanentError, RetriableError
 
 API_KEY = "test-key-0123456789abcdef"
@@ -366,3 +371,98 @@ def test_closing_the_client_closes_its_pool() -> None:
     client.close()
     with pytest.raises(RuntimeError):
         client.get_customer("u1")
+
+
+# -- the direct transport, over real sockets ---------------------------------------------------
+
+
+class OneShotServer:
+    """A loopback HTTP server that answers each connection's first request with ``{}`` and then
+    closes it, as a server whose keep-alive timeout expired does; or, with ``silent``, reads
+    requests and never answers. Counts the connections it accepted."""
+
+    def __init__(self, *, silent: bool = False) -> None:
+        self.silent = silent
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._open: list[socket.socket] = []
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._open.append(conn)
+            conn.recv(65536)
+            if not self.silent:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+                conn.sendall(b"Content-Length: 2\r\n\r\n{}")
+                conn.close()
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() the thread waits in
+        self._listener.close()
+        for conn in self._open:
+            conn.close()
+        self._thread.join()
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_without_an_error() -> None:
+    """An idle connection closed by the server is noticed before reuse: the next request
+    goes out on a new connection and succeeds."""
+    server = OneShotServer()
+    try:
+        with AmberfloClient(api_key=API_KEY, base_url=server.url, timeout=5.0) as client:
+            for _ in range(3):
+                assert client.get_customer("u1") is None
+                time.sleep(0.05)  # lets the server's close reach the client
+    finally:
+        server.close()
+    assert server.connections == 3
+
+
+def test_connections_are_kept_alive_between_requests(emulator: EmulatorHandle) -> None:
+    """Sequential requests reuse one kept-alive connection rather than opening one each."""
+    with AmberfloClient(api_key=API_KEY, base_url=emulator.url, timeout=5.0) as client:
+        for i in range(20):
+            client.create_customer({"customerId": f"c{i}", "customerName": "C"})
+            assert client.get_customer(f"c{i}") is not None
+        opened = {conn.laddr for conn in psutil.Process().net_connections("tcp")}
+    server_port = int(emulator.url.rsplit(":", 1)[1])
+    client_ends = [addr for addr in opened if addr.port != server_port]
+    # One open, pooled socket: none would mean a connection per request, more would mean none
+    # was reused.
+    assert len(client_ends) == 1
+
+
+def test_an_answer_that_does_not_come_in_time_is_a_retriable_timeout() -> None:
+    """A server that reads the request and never answers raises RetriableError after the
+    read timeout, with no status."""
+    server = OneShotServer(silent=True)
+    try:
+        with (
+            AmberfloClient(api_key=API_KEY, base_url=server.url, timeout=0.2) as client,
+            pytest.raises(RetriableError) as caught,
+        ):
+            client.get_customer("u1")
+    finally:
+        server.close()
+    assert caught.value.status is None
+    assert "ReadTimeout" in str(caught.value)
+
+
+def test_a_refused_connection_is_a_retriable_connect_error() -> None:
+    """Nobody listening on the port raises RetriableError naming the connect failure."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with (
+        AmberfloClient(api_key=API_KEY, base_url=url, timeout=2.0) as client,
+        pytest.raises(RetriableError) as caught,
+    ):
+        client.get_customer("u1")
+    assert "ConnectError" in str(caught.value)
