@@ -259,21 +259,28 @@ class App:
             raise api_error(400, f"sort must be one of {', '.join(PAGING_SORT_FIELDS)}")
         ascending = query.get("isAscending", "true").lower() != "false"
         search = query.get("search") or None
-        everyone = list(self.store.customers().values())
-        found = [c for c in everyone if search is None or _matches(c, search)]
-        found.sort(key=_sort_key(sort), reverse=not ascending)
         start = (page - 1) * limit
+        if search is None:
+            items, total = self.store.customer_page(
+                _sort_key(sort), (sort, ascending), start, limit
+            )
+            filtered = total
+        else:
+            everyone = list(self.store.customers().values())
+            found = [c for c in everyone if _matches(c, search)]
+            found.sort(key=_sort_key(sort), reverse=not ascending)
+            items, total, filtered = found[start : start + limit], len(everyone), len(found)
         metadata = {
-            "totalRowCount": len(everyone),
-            "filteredRowCount": len(found),
+            "totalRowCount": total,
+            "filteredRowCount": filtered,
             "limit": limit,
             "page": page,
-            "totalFilteredPages": math.ceil(len(found) / limit),
+            "totalFilteredPages": math.ceil(filtered / limit),
             "isAscending": ascending,
             "sort": sort,
             "search": search,
         }
-        return Response.json({"items": found[start : start + limit], "metadata": metadata})
+        return Response.json({"items": items, "metadata": metadata})
 
     # -- control -------------------------------------------------------------------------
 

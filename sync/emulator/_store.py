@@ -3,18 +3,21 @@
 One lock guards everything, because the server's event loop writes while test threads read
 through :class:`~sync.emulator.EmulatorHandle`. Every method is short and never blocks inside
 the lock, and every read returns a copy, so callers cannot change the store by accident.
+
+Everything stored is JSON data, so copies are made by :func:`json_copy` rather than
+``copy.deepcopy``, whose generality cost the emulator a third of its time per customer request.
 """
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, cast
 
 REQUEST_LOG_SIZE = 1000
+J = TypeVar("J")
 
 
 RecordKey = tuple[str, str, float, int, str | None, tuple[tuple[str, str], ...]]
@@ -37,6 +40,15 @@ def record_key(record: dict[str, Any]) -> RecordKey:
     )
 
 
+def json_copy(value: J) -> J:
+    """A deep copy of JSON data (dicts, lists and immutable scalars)."""
+    if isinstance(value, dict):
+        return cast(J, {key: json_copy(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return cast(J, [json_copy(item) for item in value])
+    return value
+
+
 def now_ms() -> int:
     """Wall-clock epoch milliseconds, the unit of ``createTime`` and ``updateTime``."""
     return time.time_ns() // 1_000_000
@@ -48,6 +60,9 @@ class Store:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._customers: dict[str, dict[str, Any]] = {}
+        # Customer ids in each listing order asked for, dropped whenever a customer changes, so
+        # reading a large account page by page sorts it once, not once per page.
+        self._orders: dict[tuple[str, bool], list[str]] = {}
         self._records: list[dict[str, Any]] = []
         self._keys: set[RecordKey] = set()
         self._received = 0
@@ -72,7 +87,7 @@ class Store:
     def ingested(self) -> list[dict[str, Any]]:
         """Every unique record, in arrival order."""
         with self._lock:
-            return copy.deepcopy(self._records)
+            return json_copy(self._records)
 
     # -- customers -----------------------------------------------------------------------
 
@@ -80,12 +95,30 @@ class Store:
         """One customer, or ``None``."""
         with self._lock:
             found = self._customers.get(customer_id)
-            return copy.deepcopy(found) if found is not None else None
+            return json_copy(found) if found is not None else None
 
     def customers(self) -> dict[str, dict[str, Any]]:
         """Every customer by id, in creation order."""
         with self._lock:
-            return copy.deepcopy(self._customers)
+            return json_copy(self._customers)
+
+    def customer_page(
+        self,
+        sort_key: Callable[[dict[str, Any]], Any],
+        order: tuple[str, bool],
+        start: int,
+        limit: int,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Customers ``start`` to ``start + limit`` in ``order`` (a sort field and whether it is
+        ascending, naming the ordering that ``sort_key`` gives), and the number of customers."""
+        ascending = order[1]
+        with self._lock:
+            ids = self._orders.get(order)
+            if ids is None:
+                ranked = sorted(self._customers.values(), key=sort_key, reverse=not ascending)
+                ids = self._orders[order] = [customer["customerId"] for customer in ranked]
+            page = [json_copy(self._customers[i]) for i in ids[start : start + limit]]
+            return page, len(ids)
 
     def create_customer(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """Store a new customer; ``None`` when the id is taken."""
@@ -96,7 +129,8 @@ class Store:
             stamp = now_ms()
             stored = _stored_customer(body, create_time=stamp, update_time=stamp)
             self._customers[customer_id] = stored
-            return copy.deepcopy(stored)
+            self._orders.clear()
+            return json_copy(stored)
 
     def replace_customer(
         self, body: dict[str, Any], *, create_missing: bool
@@ -111,11 +145,13 @@ class Store:
             create_time = existing["createTime"] if existing is not None else stamp
             stored = _stored_customer(body, create_time=create_time, update_time=stamp)
             self._customers[customer_id] = stored
-            return copy.deepcopy(stored)
+            self._orders.clear()
+            return json_copy(stored)
 
     def delete_customer(self, customer_id: str) -> dict[str, Any] | None:
         """Remove a customer and return it; ``None`` when there is none."""
         with self._lock:
+            self._orders.clear()
             return self._customers.pop(customer_id, None)
 
     # -- request accounting --------------------------------------------------------------
@@ -153,6 +189,7 @@ class Store:
         """Forget everything."""
         with self._lock:
             self._customers.clear()
+            self._orders.clear()
             self._records.clear()
             self._keys.clear()
             self._received = 0
@@ -162,7 +199,8 @@ class Store:
 
 
 def _stored_customer(body: dict[str, Any], *, create_time: int, update_time: int) -> dict[str, Any]:
-    stored: dict[str, Any] = {"enabled": True, **copy.deepcopy(body)}
+    # ``body`` is the store's own: the validated, freshly parsed request body.
+    stored: dict[str, Any] = {"enabled": True, **body}
     stored["id"] = body["customerId"]
     stored["createTime"] = create_time
     stored["updateTime"] = update_time
