@@ -35,7 +35,7 @@ from rich.console import Console
 
 from sync.amberflo import AmberfloClient
 from sync.config import Settings
-from sync.deliver import CustomerWriter, RetryPolicy, deliver_customers
+from sync.deliver import CustomerWriter, RetryPolicy, deliver_customers, read_existing_ids
 from sync.diff import Diff, KnownState, acknowledged_rows, apply_acknowledged, diff
 from sync.errors import (
     EXIT_FATAL,
@@ -384,8 +384,16 @@ def _real_run(
         client_for(settings) as client,
         ProgressReporter("upserting customers", total) as progress,
     ):
+        policy = retry_policy_for(settings)
+        mode = settings.amberflo.write_mode
         writer = CustomerWriter(
-            client, mode=settings.amberflo.write_mode, policy=retry_policy_for(settings)
+            client,
+            mode=mode,
+            policy=policy,
+            # One listing instead of one lookup per user, when the run sends many.
+            existing_ids=read_existing_ids(client, sends=total, policy=policy)
+            if mode == "merge"
+            else None,
         )
 
         def on_outcome(record: CustomerRecord, outcome: Outcome) -> None:

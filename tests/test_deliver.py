@@ -20,11 +20,14 @@ from structlog.testing import capture_logs
 
 from sync.amberflo import AmberfloClient
 from sync.deliver import (
+    PREFETCH_MIN_SENDS,
+    SENDS_PER_PAGE,
     CustomerWriter,
     RetryPolicy,
     deliver_customers,
     deliver_meter_records,
     merged_customer,
+    read_existing_ids,
 )
 from sync.errors import AuthError, PermanentError, RetriableError
 from sync.model import CustomerRecord, Outcome
@@ -74,7 +77,16 @@ class FakeAmberflo:
                 return self._ingest(request.content)
             if request.url.path == "/customers":
                 return self._customers(request)
+            if route == ("GET", "/customers/paging"):
+                return self._page(request)
         return httpx.Response(404, json={"message": "no route"})
+
+    def _page(self, request: httpx.Request) -> httpx.Response:
+        limit, page = int(request.url.params["limit"]), int(request.url.params["page"])
+        ids = sorted(self.customers)
+        items = [self.customers[i] for i in ids[(page - 1) * limit : page * limit]]
+        pages = -(-len(ids) // limit)
+        return httpx.Response(200, json={"items": items, "metadata": {"totalFilteredPages": pages}})
 
     def _ingest(self, content: bytes) -> httpx.Response:
         raw = gzip.decompress(content)
@@ -334,6 +346,113 @@ def test_merge_falls_back_to_get_and_put_when_the_post_races_a_creation(
         ("GET", "/customers"),
         ("PUT", "/customers"),
     ]
+    assert fake.customers["u1"]["traits"] == {"stripeId": "cus_1", "vip": "true", "plan": "pro"}
+
+
+# -- reading existing customers up front ------------------------------------------------------
+
+
+def test_existing_ids_come_from_every_page_of_the_listing(fake: FakeAmberflo) -> None:
+    """The listing is read page by page to the last one and yields every customer id."""
+    for i in range(25):
+        fake.customers[f"c{i:02}"] = {"customerId": f"c{i:02}", "customerName": "C"}
+    with fake.client() as client, capture_logs() as logs:
+        ids = read_existing_ids(client, sends=3 * SENDS_PER_PAGE, policy=FAST, page_size=10)
+    assert ids == frozenset(fake.customers)
+    assert fake.requests == [("GET", "/customers/paging")] * 3
+    assert [e["customers"] for e in logs if e["event"] == "customers_prefetched"] == [25]
+
+
+def test_a_small_run_reads_each_customer_instead_of_the_listing(fake: FakeAmberflo) -> None:
+    """Below the threshold, no listing is read and the writer looks customers up one by one."""
+    with fake.client() as client:
+        assert read_existing_ids(client, sends=PREFETCH_MIN_SENDS - 1, policy=FAST) is None
+    assert fake.requests == []
+
+
+def test_the_listing_stops_when_the_account_is_too_large_for_the_run(fake: FakeAmberflo) -> None:
+    """A listing that would need more than one page per SENDS_PER_PAGE users is abandoned."""
+    budget = PREFETCH_MIN_SENDS // SENDS_PER_PAGE
+    for i in range(10 * budget + 1):
+        fake.customers[f"c{i:04}"] = {"customerId": f"c{i:04}", "customerName": "C"}
+    with fake.client() as client:
+        ids = read_existing_ids(client, sends=PREFETCH_MIN_SENDS, policy=FAST, page_size=10)
+    assert ids is None
+    assert len(fake.requests) == budget
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        httpx.Response(404, json={"message": "Not Found"}),
+        httpx.Response(200, json={"unexpected": "shape"}),
+        httpx.Response(503, text="down"),
+    ],
+)
+def test_a_listing_that_fails_falls_back_to_lookups(
+    fake: FakeAmberflo, failure: httpx.Response
+) -> None:
+    """A refused, malformed or unavailable listing gives no ids (and a warning), not an error."""
+    fake.fail_next("GET", "/customers/paging", *[failure] * FAST.attempts)
+    with fake.client() as client, capture_logs() as logs:
+        ids = read_existing_ids(client, sends=PREFETCH_MIN_SENDS, policy=FAST)
+    assert ids is None
+    assert [e["event"] for e in logs if e["log_level"] == "warning"][-1] == (
+        "customer_prefetch_failed"
+    )
+
+
+def test_a_rejected_key_during_the_listing_is_fatal(fake: FakeAmberflo) -> None:
+    """A 403 on the listing raises AuthError: no later request could succeed."""
+    fake.fail_next("GET", "/customers/paging", httpx.Response(403, json={"message": "Forbidden"}))
+    with fake.client() as client, pytest.raises(AuthError):
+        read_existing_ids(client, sends=PREFETCH_MIN_SENDS, policy=FAST)
+
+
+def _merge_all(
+    fake: FakeAmberflo, records: list[CustomerRecord], existing_ids: frozenset[str] | None
+) -> list[Outcome]:
+    with fake.client() as client:
+        writer = CustomerWriter(client, policy=FAST, existing_ids=existing_ids)
+        return [writer.upsert(record) for record in records]
+
+
+def test_with_the_listing_merge_creates_new_customers_without_reading_them() -> None:
+    """Customers absent from the listing are POSTed at once, listed ones still read first, and
+    Amberflo ends exactly as it does without the listing."""
+    records = [
+        CustomerRecord("u1", traits={"plan": "pro"}, removed_traits=frozenset({"vip"})),
+        CustomerRecord("new1", name="New", traits={"vip": "true"}),
+        CustomerRecord("new2", traits={}),
+    ]
+    ends = {}
+    for prefetch in (False, True):
+        fake = FakeAmberflo()
+        fake.customers["u1"] = dict(EXISTING)
+        existing_ids = frozenset(fake.customers) if prefetch else None
+        outcomes = _merge_all(fake, records, existing_ids)
+        assert all(outcome.ok for outcome in outcomes)
+        ends[prefetch] = fake.customers
+        if prefetch:
+            assert fake.requests == [
+                ("GET", "/customers"),
+                ("PUT", "/customers"),
+                ("POST", "/customers"),
+                ("POST", "/customers"),
+            ]
+    assert ends[True] == ends[False]
+    assert ends[True]["u1"]["traits"] == {"stripeId": "cus_1", "plan": "pro"}
+
+
+def test_a_customer_created_after_the_listing_is_merged_not_overwritten(
+    fake: FakeAmberflo,
+) -> None:
+    """A customer someone created since the listing makes the POST fail with "exists"; the
+    writer then reads it and merges, keeping the traits it does not manage."""
+    fake.customers["u1"] = dict(EXISTING)  # created by someone else after the (empty) listing
+    [outcome] = _merge_all(fake, [CustomerRecord("u1", traits={"plan": "pro"})], frozenset())
+    assert outcome.ok
+    assert fake.requests == [("POST", "/customers"), ("GET", "/customers"), ("PUT", "/customers")]
     assert fake.customers["u1"]["traits"] == {"stripeId": "cus_1", "vip": "true", "plan": "pro"}
 
 

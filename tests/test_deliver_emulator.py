@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from structlog.testing import capture_logs
 
@@ -15,6 +16,7 @@ from sync.deliver import (
     deliver_customers,
     deliver_meter_records,
     merged_customer,
+    read_existing_ids,
 )
 from sync.emulator import EmulatorHandle, EmulatorOptions, running_emulator
 from sync.errors import AuthError
@@ -224,3 +226,50 @@ def test_list_customers_walks_the_emulators_pages(emulator: EmulatorHandle) -> N
             client.create_customer({"customerId": f"c{i:02}", "customerName": f"C{i}"})
         listed = [c["customerId"] for c in client.list_customers(page_size=10)]
     assert sorted(listed) == [f"c{i:02}" for i in range(23)]
+
+
+def test_a_listing_sees_customers_changed_between_two_reads(emulator: EmulatorHandle) -> None:
+    """Pages read after a customer is created, replaced or deleted reflect that change."""
+    with client_for(emulator) as client:
+        for i in range(5):
+            client.create_customer({"customerId": f"c{i}", "customerName": f"C{i}"})
+        first = [c["customerId"] for c in client.list_customers(page_size=2)]
+        client.create_customer({"customerId": "c5", "customerName": "C5"})
+        client.replace_customer({"customerId": "c0", "customerName": "Renamed"})
+        httpx.delete(f"{emulator.url}/customers/c1", headers={"x-api-key": "k"})
+        second = {c["customerId"]: c["customerName"] for c in client.list_customers(page_size=2)}
+    assert first == [f"c{i}" for i in range(5)]
+    assert second == {"c0": "Renamed", "c2": "C2", "c3": "C3", "c4": "C4", "c5": "C5"}
+
+
+def test_a_merge_run_with_the_listing_reads_only_the_customers_that_exist(
+    emulator: EmulatorHandle,
+) -> None:
+    """With existing ids read up front, only customers already in Amberflo are looked up; new
+    ones are created at once, and every customer ends as merge mode defines it."""
+    existing = {
+        f"c{i:03}": {"customerId": f"c{i:03}", "customerName": f"Old {i}", "traits": {"s": "x"}}
+        for i in range(0, 200, 10)
+    }
+    records = [
+        CustomerRecord(f"c{i:03}", traits={"vip": "true", "score": str(i)}) for i in range(200)
+    ]
+    with client_for(emulator) as client:
+        for body in existing.values():
+            client.create_customer(body)
+        ids = read_existing_ids(client, sends=len(records), policy=PATIENT)
+        summary = deliver_customers(
+            CustomerWriter(client, policy=PATIENT, existing_ids=ids),
+            records,
+            concurrency=4,
+            on_outcome=lambda r, o: None,
+        )
+    assert ids == frozenset(existing)
+    assert (summary.delivered, summary.failed) == (200, 0)
+    requests = emulator.stats()["requests"]
+    assert requests["GET /customers"] == {"200": len(existing)}
+    assert requests["POST /customers"] == {"200": 200}  # 20 set-up creations, 180 new customers
+    stored = emulator.customers()
+    for record in records:
+        expected = merged_customer(existing.get(record.customer_id, {}), record)
+        assert {key: stored[record.customer_id].get(key) for key in expected} == expected
