@@ -404,9 +404,9 @@ def deliver_customers(
 
 @dataclass(frozen=True, slots=True)
 class _Batch:
-    """Records that go in one ingest request, with their caller references."""
+    """Records that go in one ingest request, as JSON, with their caller references."""
 
-    items: tuple[tuple[str, Mapping[str, Any]], ...]
+    items: tuple[tuple[str, bytes], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,14 +475,15 @@ def _batches(
     max_record_bytes: int,
 ) -> Iterator[_Batch | _Rejected]:
     """Group records by count and by the byte size of the JSON array they make."""
-    items: list[tuple[str, Mapping[str, Any]]] = []
+    items: list[tuple[str, bytes]] = []
     size = 2  # the brackets of the JSON array
     for ref, record in records:
         try:
-            record_bytes = len(encode_json(record))
+            encoded = encode_json(record)
         except (TypeError, ValueError) as exc:
             yield _Rejected(ref, f"the record cannot be serialized as JSON: {exc}")
             continue
+        record_bytes = len(encoded)
         if record_bytes > max_record_bytes:
             yield _Rejected(
                 ref,
@@ -494,18 +495,18 @@ def _batches(
         if items and (len(items) >= batch_size or size + added > max_batch_bytes):
             yield _Batch(tuple(items))
             items, size, added = [], 2, record_bytes
-        items.append((ref, record))
+        items.append((ref, encoded))
         size += added
     if items:
         yield _Batch(tuple(items))
 
 
 def _send_batch(
-    client: AmberfloClient, policy: RetryPolicy, items: list[tuple[str, Mapping[str, Any]]]
+    client: AmberfloClient, policy: RetryPolicy, items: list[tuple[str, bytes]]
 ) -> list[tuple[str, Outcome]]:
     """Send one batch; on a 400 split it in halves until the bad records stand alone."""
     try:
-        policy.call(lambda: client.ingest([record for _, record in items]))
+        policy.call(lambda: client.ingest_encoded([record for _, record in items]))
     except PermanentError as exc:
         if exc.status in _SPLIT_STATUSES and len(items) > 1:
             middle = len(items) // 2
@@ -519,9 +520,7 @@ def _send_batch(
     return [(ref, Outcome(ref=ref, ok=True, status=200)) for ref, _ in items]
 
 
-def _failed(
-    items: list[tuple[str, Mapping[str, Any]]], exc: DeliveryError
-) -> list[tuple[str, Outcome]]:
+def _failed(items: list[tuple[str, bytes]], exc: DeliveryError) -> list[tuple[str, Outcome]]:
     log.warning(
         "batch_failed",
         records=len(items),
