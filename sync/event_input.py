@@ -193,7 +193,9 @@ def _read_lines(source: str, lines: Iterable[tuple[int, str]]) -> Iterator[RawEv
         if not text:
             continue
         try:
-            text.encode("utf-8")
+            # Only a non-ASCII line can hold the lone surrogates that stand for bad bytes.
+            if not text.isascii():
+                text.encode("utf-8")
         except UnicodeEncodeError:
             raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             yield RawEvent(source, number, raw, None, "line is not valid UTF-8")

@@ -18,6 +18,7 @@ rather than bill twice. That is also why no rule ever looks at the clock.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -204,12 +205,17 @@ def _wire_pairs(values: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     the dimension rule are dropped, and of two keys that become equal the first is kept."""
     seen: set[str] = set()
     for key, value in _flatten(values, ""):
-        safe_key = dimension_safe(key)
-        safe_value = wire_value(value)
+        safe_key = _safe_key(key)
+        # Most values are strings already: the dimension rule is all they need.
+        safe_value = dimension_safe(value) if type(value) is str else wire_value(value)
         if safe_key is None or safe_value is None or safe_key in seen:
             continue
         seen.add(safe_key)
         yield safe_key, safe_value
+
+
+# Property names repeat from one event to the next; their wire form is computed once each.
+_safe_key = functools.lru_cache(maxsize=4096)(dimension_safe)
 
 
 def _flatten(values: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:
