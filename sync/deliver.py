@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import stamina
 import structlog
@@ -369,34 +369,69 @@ def deliver_customers(
     concurrency: int = 8,
     on_outcome: Callable[[CustomerRecord, Outcome], None],
     stop: threading.Event | None = None,
+    unavailable_after: int | None = None,
 ) -> DeliverySummary:
     """Upsert every record with up to ``concurrency`` in flight; one outcome per record.
 
     ``on_outcome`` runs on the calling thread. :class:`~sync.errors.AuthError` propagates after
-    in-flight upserts finish and are reported.
+    in-flight upserts finish and are reported. When ``unavailable_after`` customers in a row
+    (default: twice the concurrency, at least 10) fail for transient reasons after their full
+    retry budget, Amberflo is taken to be down: no new customer starts, and the summary says
+    why, so a run against a dead API ends in minutes rather than spending the whole retry
+    deadline on every remaining user. The users not attempted keep their old state and go out
+    with the next run.
     """
     counts = _Counts()
+    breaker = _Breaker(unavailable_after or max(10, 2 * concurrency), stop)
 
     def report(result: tuple[CustomerRecord, Outcome]) -> None:
         record, outcome = result
         counts.add(outcome)
+        breaker.observe(outcome)
         on_outcome(record, outcome)
 
     interrupted = _pump(
         records,
         lambda record: (record, writer.upsert(record)),
         concurrency=concurrency,
-        stop=stop,
+        stop=breaker,
         report=report,
     )
-    summary = counts.summary(interrupted)
+    summary = counts.summary(interrupted, stopped_reason=breaker.reason)
     log.info(
         "customers_delivered",
         delivered=summary.delivered,
         failed=summary.failed,
         interrupted=interrupted,
+        stopped_reason=breaker.reason,
     )
     return summary
+
+
+class _Breaker:
+    """Trips after ``threshold`` consecutive transient failures; also relays the caller's stop."""
+
+    def __init__(self, threshold: int, stop: threading.Event | None) -> None:
+        self._threshold = threshold
+        self._stop = stop
+        self._streak = 0
+        self.reason: str | None = None
+
+    def observe(self, outcome: Outcome) -> None:
+        transient = not outcome.ok and (
+            outcome.status is None or outcome.status == 429 or outcome.status >= 500
+        )
+        self._streak = self._streak + 1 if transient else 0
+        if self._streak >= self._threshold and self.reason is None:
+            self.reason = (
+                f"Amberflo failed {self._streak} customers in a row after every retry "
+                f"(last: {outcome.status or 'no answer'} {outcome.reason or ''}); stopped "
+                "starting new ones: the rest go with the next run"
+            ).replace("  ", " ")
+            log.error("amberflo_unavailable", consecutive_failures=self._streak)
+
+    def is_set(self) -> bool:
+        return self.reason is not None or (self._stop is not None and self._stop.is_set())
 
 
 # -- meter records --------------------------------------------------------------------------
@@ -550,10 +585,19 @@ class _Counts:
         else:
             self.failed += 1
 
-    def summary(self, interrupted: bool) -> DeliverySummary:
+    def summary(self, interrupted: bool, stopped_reason: str | None = None) -> DeliverySummary:
         return DeliverySummary(
-            delivered=self.delivered, failed=self.failed, interrupted=interrupted
+            delivered=self.delivered,
+            failed=self.failed,
+            interrupted=interrupted,
+            stopped_reason=stopped_reason,
         )
+
+
+class _Stop(Protocol):
+    """Anything that says whether to stop starting new work (a ``threading.Event``, a breaker)."""
+
+    def is_set(self) -> bool: ...
 
 
 def _pump(
@@ -561,7 +605,7 @@ def _pump(
     work: Callable[[U], R],
     *,
     concurrency: int,
-    stop: threading.Event | None,
+    stop: _Stop | None,
     report: Callable[[R], None],
 ) -> bool:
     """Run ``work`` over ``units`` with at most ``concurrency`` in flight; True when stopped.

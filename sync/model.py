@@ -92,3 +92,4 @@ class DeliverySummary:
     failed: int
     failure_file: str | None = None
     interrupted: bool = False
+    stopped_reason: str | None = None

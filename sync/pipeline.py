@@ -20,6 +20,7 @@ work (harmless: customer upserts are idempotent).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import random
 import sys
@@ -433,14 +434,17 @@ def _real_run(
             entry["failure_file"] = failure_file
     new_state = apply_acknowledged(known, result, checkpointer.acknowledged)
     store.commit(_stored(new_state, run_id), run_id)
-    delivery = DeliverySummary(
-        delivered=delivery.delivered,
-        failed=delivery.failed,
-        failure_file=failure_file,
-        interrupted=delivery.interrupted,
-    )
+    delivery = dataclasses.replace(delivery, failure_file=failure_file)
+    if delivery.stopped_reason is not None:
+        # Amberflo kept failing: the run stopped itself, it was not interrupted by a signal.
+        delivery = dataclasses.replace(delivery, interrupted=False)
+        entry["stopped_reason"] = delivery.stopped_reason
     entry["interrupted"] = delivery.interrupted
-    exit_code = EXIT_OK if delivery.failed == 0 and not delivery.interrupted else EXIT_PARTIAL
+    exit_code = (
+        EXIT_OK
+        if delivery.failed == 0 and not delivery.interrupted and delivery.stopped_reason is None
+        else EXIT_PARTIAL
+    )
     # The report comes before the run is recorded: a report that cannot be written fails the
     # run (exit 1), and run_sync records it once, with these counts and the error.
     _report(

@@ -252,6 +252,8 @@ def _delivery_notes(report: ReportInput) -> list[tuple[str, _Cell]]:
         notes.append(("Failures are listed in", _Code(delivery.failure_file)))
     if delivery is not None and delivery.interrupted:
         notes.append(("The run was interrupted", "rerun to send the rest"))
+    if delivery is not None and delivery.stopped_reason is not None:
+        notes.append(("The run stopped early", delivery.stopped_reason))
     return notes
 
 
@@ -394,6 +396,7 @@ def _document(report: ReportInput) -> dict[str, object]:
             "failed": delivery.failed,
             "failure_file": delivery.failure_file,
             "interrupted": delivery.interrupted,
+            "stopped_reason": delivery.stopped_reason,
         },
         "samples": [
             {

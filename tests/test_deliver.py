@@ -781,3 +781,68 @@ def test_impossible_batch_settings_are_refused(
     with pytest.raises(ValueError, match=message):
         deliver(fake, [("r0", meter("u1", 0))], **kwargs)
     assert fake.requests == []
+
+
+def down(fake: FakeAmberflo, answers: int) -> None:
+    """Script ``answers`` 503s for every customer route (lookups and writes alike)."""
+    for method in ("GET", "POST", "PUT"):
+        fake.fail_next(method, "/customers", *[httpx.Response(503) for _ in range(answers)])
+
+
+def test_a_run_against_a_dead_amberflo_stops_after_a_streak_of_failures(
+    fake: FakeAmberflo,
+) -> None:
+    """Once customers keep failing after every retry, no new customer starts, and it says why."""
+    down(fake, 10_000)
+    with fake.client() as client, capture_logs() as logs:
+        summary = deliver_customers(
+            CustomerWriter(client, policy=FAST),
+            records_for(500),
+            concurrency=2,
+            on_outcome=lambda r, o: None,
+            unavailable_after=10,
+        )
+    assert summary.stopped_reason is not None
+    assert "10 customers in a row" in summary.stopped_reason
+    # The streak trips at 10; at most the customers already in flight finish after it.
+    assert 10 <= summary.failed <= 12
+    assert summary.delivered == 0
+    assert [e for e in logs if e["event"] == "amberflo_unavailable"]
+
+
+def test_failures_broken_by_successes_do_not_stop_the_run(fake: FakeAmberflo) -> None:
+    """Scattered transient failures never add up to a streak: every customer is tried."""
+    failing = {f"u{i}" for i in range(0, 60, 2)}
+
+    class Flaky(FakeAmberflo):
+        def __call__(self, request: httpx.Request) -> httpx.Response:
+            if request.url.params.get("customerId") in failing:
+                return httpx.Response(503)
+            return super().__call__(request)
+
+    flaky = Flaky()
+    with flaky.client() as client:
+        summary = deliver_customers(
+            CustomerWriter(client, policy=FAST),
+            records_for(60),
+            concurrency=1,
+            on_outcome=lambda r, o: None,
+            unavailable_after=3,
+        )
+    assert summary.stopped_reason is None
+    assert (summary.delivered, summary.failed) == (30, 30)
+
+
+def test_permanent_rejections_do_not_count_as_amberflo_being_down(fake: FakeAmberflo) -> None:
+    """400s are about the customer, not the service: a run of them never stops delivery."""
+    fake.fail_next("POST", "/customers", *[httpx.Response(400, json={"message": "no"})] * 40)
+    with fake.client() as client:
+        summary = deliver_customers(
+            CustomerWriter(client, policy=FAST),
+            records_for(50),
+            concurrency=1,
+            on_outcome=lambda r, o: None,
+            unavailable_after=5,
+        )
+    assert summary.stopped_reason is None
+    assert (summary.delivered, summary.failed) == (10, 40)
