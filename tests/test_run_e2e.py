@@ -157,6 +157,7 @@ def test_a_rejected_customer_fails_alone_and_is_the_only_one_retried(
         "failed": 1,
         "failure_file": run["failure_file"],
         "interrupted": False,
+        "stopped_reason": None,
     }
     assert held(emulator) == {k: v for k, v in AFTER_1.items() if k != "u4"}
 
