@@ -309,3 +309,28 @@ def test_full_resends_every_user(job: Job, emulator: EmulatorHandle) -> None:
     assert run["mode"] == "full"
     assert (run["counts"]["to_send"], run["counts"]["delivered"]) == (4, 4)
     assert held(emulator) == AFTER_1
+
+
+def test_a_run_against_a_dead_amberflo_stops_early_and_says_why(
+    tmp_path: Path, emulator: EmulatorHandle
+) -> None:
+    """When every request fails, the run stops after a streak, exits 3 and keeps the state."""
+    job = Job(
+        tmp_path,
+        emulator.url,
+        amberflo={"concurrency": 1, "max_attempts": 1, "retry_deadline_seconds": 5},
+    )
+    many = [(f"x{i}", f"X{i}", "", "true", "false", "", "") for i in range(40)]
+    job.write(many)
+    emulator.set_faults(fail_all=True)
+    result = job.run()
+    assert result.returncode == 3, result.stderr
+    run = job.last_run()
+    assert "in a row" in run["stopped_reason"]
+    # Ten customers in a row (the floor of the streak) failed; the other 30 were never tried.
+    assert run["counts"]["failed"] == 10
+    assert run["counts"]["delivered"] == 0
+    emulator.set_faults(fail_all=False)
+    second = job.run()
+    assert second.returncode == 0, second.stderr
+    assert set(emulator.customers()) == {f"x{i}" for i in range(40)}
