@@ -107,22 +107,38 @@ def _stem(path: Path) -> str:
 
 
 def resolve_files(path: str) -> list[Path]:
-    """The snapshot files a ``source.path`` names: a file, a glob or a folder, sorted."""
+    """The snapshot files a ``source.path`` names: a file, a glob or a folder, sorted.
+
+    Nothing there is a :class:`SourceError` (exit 1); a file of an unknown format is a
+    :class:`ConfigError` (exit 2).
+    """
     target = Path(path)
     if target.is_dir():
         found = sorted(p for p in target.iterdir() if p.is_file() and _format_of(p))
         if not found:
-            raise ConfigError(f"no snapshot file in folder {target} ({_SUPPORTED})")
+            raise SourceError(
+                f"no snapshot file in folder {target} ({_SUPPORTED}); has the export landed? "
+                "Otherwise check source.path"
+            )
         return found
     if glob.has_magic(path):
         # The pattern may be absolute (config paths are resolved): Path.glob takes relative ones.
         matches = sorted(Path(p) for p in glob.glob(path) if Path(p).is_file())  # noqa: PTH207
         found = [p for p in matches if _format_of(p)]
         if not found:
-            raise ConfigError(f"no file matching {path} ({_SUPPORTED}); check source.path")
+            raise SourceError(
+                f"no file matching {path} ({_SUPPORTED}); has the export landed? "
+                "Otherwise check source.path"
+            )
         return found
     if not target.is_file():
-        raise ConfigError(f"snapshot file {target} does not exist; check source.path")
+        # A missing export is an unreadable source (exit 1), not a configuration error: the
+        # same config works once the file lands, and a scheduler should alert, not page a
+        # config owner.
+        raise SourceError(
+            f"snapshot file {target} does not exist; has the export landed? "
+            "Otherwise check source.path"
+        )
     if _format_of(target) is None:
         raise ConfigError(f"{target}: unsupported format; {_SUPPORTED}")
     return [target]

@@ -140,6 +140,18 @@ def test_an_unreadable_source_exits_1_naming_the_file(job: Job, emulator: Emulat
     assert emulator.stats()["requests_total"] == 0
 
 
+def test_a_snapshot_that_has_not_landed_exits_1_and_records_the_run(
+    job: Job, emulator: EmulatorHandle
+) -> None:
+    """A missing export is an unreadable source (exit 1, recorded), not a config error."""
+    result = job.run()  # the job's snapshot.csv was never written
+
+    assert result.returncode == 1
+    assert "snapshot.csv does not exist" in result.stderr
+    assert emulator.stats()["requests_total"] == 0
+    assert job.last_run()["exit_code"] == 1
+
+
 def test_a_rejected_key_exits_1_with_a_clear_message_and_is_never_printed(
     tmp_path: Path,
 ) -> None:

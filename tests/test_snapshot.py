@@ -352,13 +352,13 @@ def test_ids_keep_leading_zeros_in_csv(tmp_path: Path) -> None:
         pytest.param(
             lambda p: p / "nothing-*.csv",
             {},
-            pytest.raises(ConfigError, match=r"no file matching"),
+            pytest.raises(SourceError, match=r"no file matching"),
             id="no-file-matching",
         ),
         pytest.param(
             lambda p: p / "absent.csv",
             {},
-            pytest.raises(ConfigError, match=r"does not exist"),
+            pytest.raises(SourceError, match=r"does not exist.*export landed"),
             id="missing-file",
         ),
         pytest.param(
