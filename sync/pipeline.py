@@ -113,10 +113,10 @@ def _require_source(settings: Settings) -> None:
         )
 
 
-def _read(settings: Settings) -> Snapshot:
+def _read(settings: Settings, known: KnownState) -> Snapshot:
     _require_source(settings)
     assert settings.source is not None  # narrowed by _require_source
-    return read_snapshot(settings.source, settings.keys)
+    return read_snapshot(settings.source, settings.keys, known_audiences=known.audience_keys)
 
 
 def client_for(settings: Settings) -> AmberfloClient:
@@ -222,7 +222,7 @@ def _plan(
     settings: Settings, options: RunOptions, store: StateStore, entry: dict[str, Any]
 ) -> tuple[KnownState, Snapshot, Diff]:
     known = _known(store.load())
-    snapshot = _read(settings)
+    snapshot = _read(settings, known)
     result = diff(snapshot, known, full=options.full, samples=settings.report.samples)
     summary = result.summary
     entry["counts"] = {
@@ -501,7 +501,7 @@ def adopt_state(settings: Settings, *, yes: bool, verify: int, console: Console)
     store = StateStore(settings.state.dir)
     with store.lock():
         known = _known(store.load())
-        snapshot = _read(settings)
+        snapshot = _read(settings, known)
         # The users a run would send (added, changed, exited) become acknowledged; the others'
         # stored rows already match the snapshot, so they keep them, and the run that last
         # delivered them. A --full diff would compare every user value by value for nothing.

@@ -11,8 +11,9 @@ Sources: a file, a glob or a folder (every supported file in it, sorted by name)
 
 Audiences and traits are taken from the configuration, else inferred: boolean columns (wide) or
 boolean-looking values (wide: text of true/false/yes/no only; long: every value one of
-true/false/yes/no/1/0) are audiences, the rest traits; an empty column is a trait, so list
-audiences that may have no member under ``source.audiences``. An audience cell is a member when
+true/false/yes/no/1/0) are audiences, the rest traits; an empty column is a trait unless the
+stored state knows its key as an audience (so an audience that lost its last member still sends
+its exits); list audiences that may have no member under ``source.audiences`` to be sure. An audience cell is a member when
 it is a boolean true, ``true``/``yes``/``1`` in any case, or the number 1. Trait values keep
 their types and are rendered as on the wire (:func:`sync.keys.wire_value`): an integer column
 with nulls still renders ``5``.
@@ -30,7 +31,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -764,8 +765,39 @@ def _first_present(values: pa.Array, owner: Ints, size: int) -> pa.Array:
 _LAYOUTS: Final = {"wide": _wide, "long": _long, "membership": _membership}
 
 
-def read_snapshot(source: SourceSettings, key_overrides: Mapping[str, str]) -> Snapshot:
-    """Read, validate and normalise the snapshot ``source`` describes."""
+def _keep_known_audiences(
+    users: _Users,
+    source: SourceSettings,
+    key_overrides: Mapping[str, str],
+    known_audiences: Collection[str],
+) -> None:
+    """An inferred, entirely empty column whose key the state knows as an audience stays one.
+
+    Inference cannot tell an empty column's kind, and reading it as a trait would make an
+    audience that lost its last member stop being managed, so its members would never get
+    their ``"false"``. Configured audiences and traits are left as configured.
+    """
+    if not known_audiences or source.audiences is not None or source.traits is not None:
+        return
+    for name, values in list(users.traits.items()):
+        key = key_overrides.get(name) or snake_case(name)
+        if key in known_audiences and values.null_count == len(values):
+            del users.traits[name]
+            users.audiences[name] = np.zeros(len(values), dtype=bool)
+            log.info("snapshot_empty_column_kept_as_audience", column=name, key=key)
+
+
+def read_snapshot(
+    source: SourceSettings,
+    key_overrides: Mapping[str, str],
+    *,
+    known_audiences: Collection[str] = (),
+) -> Snapshot:
+    """Read, validate and normalise the snapshot ``source`` describes.
+
+    ``known_audiences``: the audience keys of the stored state, so an inferred column that is
+    empty today keeps the kind it had (see :func:`_keep_known_audiences`).
+    """
     reader = _LAYOUTS.get(source.layout)
     if reader is None:
         raise ConfigError(
@@ -774,6 +806,7 @@ def read_snapshot(source: SourceSettings, key_overrides: Mapping[str, str]) -> S
     files = resolve_files(source.path)
     invalid = _Invalid()
     users = reader(files, source, invalid)
+    _keep_known_audiences(users, source, key_overrides, known_audiences)
     keys = _key_map([*users.audiences, *users.traits], key_overrides)
     for name, values in users.traits.items():
         if len(values) and values.null_count == len(values):

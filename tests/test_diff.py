@@ -314,3 +314,26 @@ def test_bundled_samples_give_the_documented_counts() -> None:
     state = apply_acknowledged(KnownState.empty(), initial, initial.desired.index)
     summary = diff(second, state).summary
     assert (summary.added, summary.changed, summary.exited) == (2, 15, 1)
+
+
+def test_an_inferred_audience_that_lost_its_last_member_still_sends_the_exits(
+    tmp_path: Path,
+) -> None:
+    """An all-empty column the state knows as an audience stays one, so its exits go out."""
+    # A CSV column with no value at all has no type to infer an audience from.
+    path = tmp_path / "users.csv"
+    path.write_text("user_id,VIP Users,plan\nu1,,pro\nu2,,free\n")
+    source = SourceSettings(path=str(path))
+    before = _state(
+        {"u1": {"vip_users": "true", "plan": "pro"}, "u2": {"plan": "free"}},
+        audiences=("vip_users",),
+        traits=("plan",),
+    )
+
+    remembered = read_snapshot(source, {}, known_audiences=before.audience_keys)
+    forgotten = read_snapshot(source, {})
+
+    assert remembered.audience_keys == ("vip_users",)
+    assert _desired(diff(remembered, before)) == {"u1": {"vip_users": "false", "plan": "pro"}}
+    # Without the hint inference has nothing to go on: an empty column reads as a trait.
+    assert forgotten.audience_keys == ()
