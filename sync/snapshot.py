@@ -13,10 +13,10 @@ Audiences and traits are taken from the configuration, else inferred: boolean co
 boolean-looking values (wide: text of true/false/yes/no only; long: every value one of
 true/false/yes/no/1/0) are audiences, the rest traits; an empty column is a trait unless the
 stored state knows its key as an audience (so an audience that lost its last member still sends
-its exits); list audiences that may have no member under ``source.audiences`` to be sure. An audience cell is a member when
-it is a boolean true, ``true``/``yes``/``1`` in any case, or the number 1. Trait values keep
-their types and are rendered as on the wire (:func:`sync.keys.wire_value`): an integer column
-with nulls still renders ``5``.
+its exits); list audiences that may have no member under ``source.audiences`` to be sure.
+An audience cell is a member when it is a boolean true, ``true``/``yes``/``1`` in any case,
+or the number 1. Trait values keep their types and are rendered as on the wire
+(:func:`sync.keys.wire_value`): an integer column with nulls still renders ``5``.
 
 Rows with a null or empty id (``missing_id``), or rows of one id that disagree
 (``conflicting_duplicate``, every row of that id), are left out and reported; identical
