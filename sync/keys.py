@@ -10,6 +10,11 @@
   ``https:__google.com``).
 - :func:`format_value` renders a value as the string Amberflo stores (dimensions and traits are
   string maps).
+
+numpy and pandas values (``np.int64``, ``pd.NA``, ...) are recognised without importing either
+library: a value of theirs can only exist once its library is loaded, so the checks look the
+library up in ``sys.modules``. The events command never loads them, and importing pandas would
+cost it more start-up time than mapping thousands of events.
 """
 
 from __future__ import annotations
@@ -18,12 +23,10 @@ import datetime as dt
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Final
-
-import numpy as np
-import pandas as pd
+from typing import Any, Final
 
 MAX_DIMENSION_LENGTH: Final = 200
 
@@ -91,9 +94,15 @@ def dimension_safe(value: str) -> str | None:
 
 def is_missing(value: object) -> bool:
     """True for ``None``, NaN, ``pd.NA`` and ``NaT``: the values that mean "absent"."""
-    if value is None or value is pd.NA or value is pd.NaT:
+    if value is None:
         return True
-    if isinstance(value, float | np.floating):
+    if isinstance(value, float):  # np.float64 is a float too
+        return math.isnan(value)
+    pd = _loaded("pandas")
+    if pd is not None and (value is pd.NA or value is pd.NaT):
+        return True
+    np = _loaded("numpy")
+    if np is not None and isinstance(value, np.floating):
         return math.isnan(value)
     return False
 
@@ -109,11 +118,12 @@ def format_value(value: object) -> str | None:
         return None
     if isinstance(value, str):
         return value
-    if isinstance(value, bool | np.bool_):
+    np = _loaded("numpy")
+    if isinstance(value, bool) or (np is not None and isinstance(value, np.bool_)):
         return "true" if value else "false"
-    if isinstance(value, int | np.integer):
+    if isinstance(value, int) or (np is not None and isinstance(value, np.integer)):
         return str(int(value))
-    if isinstance(value, float | np.floating):
+    if isinstance(value, float) or (np is not None and isinstance(value, np.floating)):
         return repr(float(value))
     if isinstance(value, Decimal):
         return str(value)
@@ -121,10 +131,15 @@ def format_value(value: object) -> str | None:
         return value.isoformat()
     if isinstance(value, Mapping):
         return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    if isinstance(value, list | tuple | np.ndarray):
+    if isinstance(value, list | tuple) or (np is not None and isinstance(value, np.ndarray)):
         items = (format_value(item) for item in value)
         return ",".join(item for item in items if item is not None)
     return str(value)
+
+
+def _loaded(name: str) -> Any:
+    """The module ``name`` if something imported it already, else ``None`` (never imports)."""
+    return sys.modules.get(name)
 
 
 def wire_value(value: object) -> str | None:
