@@ -228,3 +228,53 @@ def test_an_empty_file_yields_nothing(tmp_path: Path) -> None:
     """An empty or blank file is not an error; it has no messages."""
     path = write(tmp_path / "empty.ndjson", "\n\n  \n")
     assert list(read_events([path])) == []
+
+
+# The values where a fast JSON parser is most likely to part from the standard library's.
+AWKWARD_VALUES: list[object] = [
+    {"id": 12345678901234567890123, "n": -9223372036854775809, "max": 18446744073709551615},
+    {"f": 0.1, "g": 1e-320, "h": 1.7976931348623157e308, "i": -0.0, "j": 5e-324},
+    {"s": "café ☕ \u2028 \x1f", "q": '"\\/', "e": ""},
+    {"nested": {"a": [1, {"b": None}], "c": True}},
+]
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_every_line_reads_as_the_standard_library_reads_it(tmp_path: Path, newline: str) -> None:
+    """Each NDJSON line gives what json.loads gives (huge integers exact, NaN and Infinity
+    read, non-ASCII text intact), numbered as an editor numbers lines, whatever the line ending."""
+    lines = [json.dumps(value, ensure_ascii=False) for value in AWKWARD_VALUES]
+    lines += ['{"nan": NaN, "inf": -Infinity}', "", '{"after": "blank"}']
+    path = tmp_path / "a.ndjson"
+    path.write_bytes(newline.join(lines).encode())
+    events = list(read_events([str(path)]))
+    expected = [(n, json.loads(line)) for n, line in enumerate(lines, start=1) if line]
+    assert [event.line for event in events] == [n for n, _ in expected]
+    assert [event.raw for event in events] == [line for line in lines if line]
+    assert repr([event.message for event in events]) == repr([value for _, value in expected])
+    assert type(events[0].message["id"]) is int  # type: ignore[index]
+
+
+def test_lines_across_read_blocks_are_whole_and_numbered(tmp_path: Path) -> None:
+    """A file of several megabytes with lines of every length, one of them longer than a read
+    block, is read line for line: nothing split, merged or renumbered at block edges."""
+    values = [{"n": n, "pad": "x" * (n * 37 % 1500)} for n in range(6000)]
+    values[3000]["pad"] = "y" * 3_000_000
+    path = tmp_path / "big.ndjson"
+    path.write_text("".join(json.dumps(v) + ("\r\n" if v["n"] % 2 else "\n") for v in values))
+    events = list(read_events([str(path)]))
+    assert [event.message for event in events] == values
+    assert [event.line for event in events] == list(range(1, 6001))
+
+
+def test_a_bad_line_keeps_the_standard_librarys_message(tmp_path: Path) -> None:
+    """A malformed line is reported with the standard library's message and column, and a
+    line with a byte-order mark only at the start of the file is read normally."""
+    path = tmp_path / "a.ndjson"
+    path.write_bytes(b'\xef\xbb\xbf{"n": 1}\n{"n": 1,}\n{"n": 2} {"n": 3}\n')
+    events = list(read_events([str(path)]))
+    assert [(event.line, event.message, event.error) for event in events] == [
+        (1, {"n": 1}, None),
+        (2, None, "invalid JSON: Expecting property name enclosed in double quotes (column 9)"),
+        (3, None, "invalid JSON: Extra data (column 10)"),
+    ]
