@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -163,38 +164,34 @@ def run_sync(
         "mode": _mode(options),
         "started_at": started.isoformat(),
     }
-    if options.dry_run:
-        # A dry run takes no lock and writes nothing under the state folder: it reads the state
-        # as of the last atomic commit, and is not recorded in runs.jsonl.
+    # A dry run takes no lock and writes nothing under the state folder: it reads the state as
+    # of the last atomic commit, and is not recorded in runs.jsonl.
+    records = None if options.dry_run else store
+    with nullcontext() if options.dry_run else store.lock():
         try:
-            result = _dry_run(
-                settings,
-                options=options,
-                store=store,
-                entry=entry,
-                started=started,
-                console=console,
-            )
+            if options.dry_run:
+                result = _dry_run(
+                    settings,
+                    options=options,
+                    store=store,
+                    entry=entry,
+                    started=started,
+                    console=console,
+                )
+            else:
+                result = _real_run(
+                    settings,
+                    options=options,
+                    store=store,
+                    entry=entry,
+                    started=started,
+                    console=console,
+                    stop=stop,
+                )
         except SyncError as exc:
-            _finish(entry, exit_code=exc.exit_code, error=str(exc), store=None)
+            _finish(entry, exit_code=exc.exit_code, error=str(exc), store=records)
             raise
-        _finish(entry, exit_code=result.exit_code, store=None)
-        return result
-    with store.lock():
-        try:
-            result = _real_run(
-                settings,
-                options=options,
-                store=store,
-                entry=entry,
-                started=started,
-                console=console,
-                stop=stop,
-            )
-        except SyncError as exc:
-            _finish(entry, exit_code=exc.exit_code, error=str(exc), store=store)
-            raise
-        _finish(entry, exit_code=result.exit_code, store=store)
+        _finish(entry, exit_code=result.exit_code, store=records)
         return result
 
 
