@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import string
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sync.amberflo import encode_json
 from sync.events import (
     IdentifyEvent,
     MeterEvent,
@@ -425,3 +429,68 @@ def test_records_are_deterministic_and_wire_safe(properties: dict[str, Any]) -> 
         assert 1 <= len(value) <= 200
         assert set(key) <= allowed
         assert set(value) <= allowed
+
+
+ids = st.text(max_size=10) | st.sampled_from(['a"b\\c', "zoë\n", "\u2028", "x" * 50])
+
+
+@given(
+    unique_id=ids,
+    customer_id=ids,
+    meter=ids,
+    properties=st.dictionaries(property_names, json_values, max_size=6),
+    value=st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(10**20), 10**20),
+)
+def test_record_bytes_are_exactly_what_the_client_encodes(
+    unique_id: str, customer_id: str, meter: str, properties: dict[str, Any], value: float
+) -> None:
+    """The record's JSON bytes equal encode_json of its record, escapes and numbers included,
+    so batches built from either are byte-identical on the wire."""
+    message = msg(messageId=unique_id, userId=customer_id, event=meter)
+    message["properties"] = {**properties, "value": value}
+    mapped = map_message(message)
+    if isinstance(mapped, MeterEvent):
+        assert mapped.as_json() == encode_json(mapped.as_record())
+
+
+@pytest.mark.parametrize(
+    "meter",
+    [
+        MeterEvent("m", "u", "api", 3, MS),  # type: ignore[arg-type]
+        MeterEvent("m", "u", "api", 1.0, True, (("a", "b"),)),  # type: ignore[arg-type]
+        MeterEvent("m", "u", "api", math.nan, MS),
+        MeterEvent("m\ud800", "u", "api", 1.0, MS),
+    ],
+    ids=["int-value", "bool-time", "nan", "lone-surrogate"],
+)
+def test_odd_records_encode_or_fail_as_the_client_would(meter: MeterEvent) -> None:
+    """Shapes the mapping never makes still give encode_json's bytes, or its error."""
+    try:
+        expected: bytes | str = encode_json(meter.as_record())
+    except ValueError as exc:
+        expected = repr(exc)
+    try:
+        got: bytes | str = meter.as_json()
+    except ValueError as exc:
+        got = repr(exc)
+    assert got == expected
+
+
+def test_mapping_events_loads_neither_pandas_nor_numpy() -> None:
+    """Reading and mapping events, numbers and lists included, never imports pandas, numpy
+    or pyarrow: the events command would pay for their import on every run."""
+    script = (
+        "import sys\n"
+        "from sync.events import map_message\n"
+        "from sync.event_input import read_stream\n"
+        "import io\n"
+        'line = b\'{"type":"track","event":"e","userId":1,"timestamp":"2024-01-01T00:00:00Z",'
+        '"properties":{"n":5,"f":2.5,"l":[1,"a"],"b":true,"x":null}}\'\n'
+        "[event] = read_stream(io.BytesIO(line), 's')\n"
+        "print(dict(map_message(event.message).dimensions))\n"
+        "print(sorted({'pandas', 'numpy', 'pyarrow'} & set(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.splitlines() == ["{'n': '5', 'f': '2.5', 'l': '1,a', 'b': 'true'}", "[]"]
