@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 ## test: lint, type-check and run the test suite
 test: $(STAMP) lint
-	$(BIN)/pytest
+	$(BIN)/pytest --cov --cov-report=term:skip-covered
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
