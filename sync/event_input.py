@@ -29,10 +29,9 @@ import json
 import sys
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Final, cast
+from typing import IO, Any, BinaryIO, Final, NamedTuple, cast
 
 import orjson
 
@@ -49,7 +48,6 @@ _UTF8_BOM: Final = b"\xef\xbb\xbf"
 _CHUNK: Final = 1 << 16
 # NDJSON is read a megabyte at a time: per-read overhead vanishes and memory stays bounded.
 _NDJSON_BLOCK: Final = 1 << 20
-_MAX_NDJSON_BLOCK: Final = 1 << 26
 _DIGITS_ONLY: Final = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
 _LONG_DIGIT_RUN: Final = b"0" * 19
 _MAX_RAW_ON_ERROR: Final = 2000
@@ -59,13 +57,15 @@ _TRUNCATION_MARGIN: Final = 16
 _DECODER: Final = json.JSONDecoder()
 
 
-@dataclass(frozen=True, slots=True)
-class RawEvent:
+class RawEvent(NamedTuple):
     """One message as read: where from, its text, and either the decoded object or an error.
 
     ``line`` is the 1-based line where the message starts (for an envelope's items: where the
     envelope starts). ``raw`` is the line or item text as read; an envelope's item is given
     with the envelope's context merged in, so a dead letter can be replayed on its own.
+
+    A named tuple rather than a frozen dataclass: one is built per message read, and a tuple
+    is built three times faster.
     """
 
     source: str
@@ -116,7 +116,7 @@ def read_stream(stream: BinaryIO, source: str) -> Iterator[RawEvent]:
     gunzipped = (
         gzip.GzipFile(fileobj=buffered, mode="rb") if buffered.peek(2)[:2] == _GZIP_MAGIC else None
     )
-    binary = cast(IO[bytes], gunzipped or buffered)
+    binary: io.BufferedIOBase = gunzipped or buffered
     try:
         head, first = _head(binary)
         if first is None:
@@ -133,7 +133,7 @@ def read_stream(stream: BinaryIO, source: str) -> Iterator[RawEvent]:
             buffered.detach()
 
 
-def _head(stream: IO[bytes]) -> tuple[bytes, str | None]:
+def _head(stream: io.BufferedIOBase) -> tuple[bytes, str | None]:
     """The bytes up to the end of the first line that is not blank, and that line (decoded);
     ``None`` when there is none. A leading UTF-8 byte-order mark is dropped."""
     read: list[bytes] = []
@@ -148,7 +148,7 @@ def _head(stream: IO[bytes]) -> tuple[bytes, str | None]:
     return b"".join(read), None
 
 
-def _read_document_text(source: str, head: bytes, stream: IO[bytes]) -> Iterator[RawEvent]:
+def _read_document_text(source: str, head: bytes, stream: io.BufferedIOBase) -> Iterator[RawEvent]:
     """JSON documents (an array, an envelope, pretty-printed messages) are decoded as text."""
     text = io.TextIOWrapper(
         io.BufferedReader(_Replay(head, stream)),
@@ -167,7 +167,7 @@ def _read_document_text(source: str, head: bytes, stream: IO[bytes]) -> Iterator
 class _Replay(io.RawIOBase):
     """``head`` (bytes already read from ``stream``), then the rest of ``stream``."""
 
-    def __init__(self, head: bytes, stream: IO[bytes]) -> None:
+    def __init__(self, head: bytes, stream: io.BufferedIOBase) -> None:
         super().__init__()
         self._head = head
         self._stream = stream
@@ -185,7 +185,7 @@ class _Replay(io.RawIOBase):
         return len(data)
 
 
-def _read_ndjson(source: str, head: bytes, stream: IO[bytes]) -> Iterator[RawEvent]:
+def _read_ndjson(source: str, head: bytes, stream: io.BufferedIOBase) -> Iterator[RawEvent]:
     """NDJSON, read as bytes in large blocks of whole lines.
 
     Each line is parsed by orjson, which takes bytes and checks UTF-8 itself, at a fraction of
@@ -196,18 +196,7 @@ def _read_ndjson(source: str, head: bytes, stream: IO[bytes]) -> Iterator[RawEve
     (``\n``, ``\r\n`` and a lone ``\r``), so line numbers are the ones an editor shows.
     """
     number = 0
-    pending = head
-    size = _NDJSON_BLOCK
-    while True:
-        chunk = stream.read(size)
-        data = pending + chunk if pending else chunk
-        if chunk:
-            end = _end_of_last_line(data)
-            block, pending = data[:end], data[end:]
-            # A line longer than a block: read more at a time, so gathering it costs O(n).
-            size = _NDJSON_BLOCK if end else min(size * 2, _MAX_NDJSON_BLOCK)
-        else:
-            block, pending = data, b""
+    for block in _blocks(head, stream):
         fast = _no_long_integers(block)
         for line in block.splitlines():
             number += 1
@@ -228,13 +217,31 @@ def _read_ndjson(source: str, head: bytes, stream: IO[bytes]) -> Iterator[RawEve
                         yield from _messages(source, number, raw, value)
                     continue
             yield from _read_line(source, number, line.decode("utf-8", "surrogateescape"))
-        if not chunk:
-            return
+
+
+def _blocks(head: bytes, stream: io.BufferedIOBase) -> Iterator[bytes]:
+    """``head`` and the rest of ``stream`` in blocks of whole lines (the last block: whatever
+    follows the last line ending).
+
+    ``read1`` takes what is at hand, up to a block: a pipe is processed as it flows rather than
+    a megabyte at a time, and a gzip stream broken further on still yields what came before.
+    """
+    pending: list[bytes] = []  # the start of a line not ended yet, joined once it ends: O(n)
+    chunk = head
+    while chunk:
+        end = _end_of_last_line(chunk)
+        if end:
+            yield b"".join([*pending, chunk[:end]])
+            pending = [chunk[end:]]
+        else:
+            pending.append(chunk)
+        chunk = stream.read1(_NDJSON_BLOCK)
+    yield b"".join(pending)
 
 
 def _end_of_last_line(data: bytes) -> int:
-    """Where the last complete line of ``data`` ends (0: none yet). A final ``\r`` does not
-    count, as the ``\n`` of its ``\r\n`` may be in the next block."""
+    """Where the last line ending in ``data`` ends (0: none). A final ``\r`` does not count,
+    as the ``\n`` of its ``\r\n`` may be in the next block."""
     end = data.rfind(b"\n") + 1
     return end if end else data.rfind(b"\r", 0, len(data) - 1) + 1
 

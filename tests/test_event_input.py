@@ -5,12 +5,14 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from sync.errors import SourceError
-from sync.event_input import RawEvent, read_events
+from sync.event_input import RawEvent, read_events, read_stream
 
 
 def write(path: Path, text: str) -> str:
@@ -278,3 +280,21 @@ def test_a_bad_line_keeps_the_standard_librarys_message(tmp_path: Path) -> None:
         (2, None, "invalid JSON: Expecting property name enclosed in double quotes (column 9)"),
         (3, None, "invalid JSON: Extra data (column 10)"),
     ]
+
+
+def test_a_pipe_is_read_as_it_flows() -> None:
+    """Lines arriving through a pipe come out as they arrive, before the writer is done, so a
+    slow producer's events are not held back until a block fills."""
+    read_end, write_end = os.pipe()
+    got: list[RawEvent] = []
+    with os.fdopen(read_end, "rb") as reader, os.fdopen(write_end, "wb") as writer:
+        writer.write(b'{"n": 1}\n')
+        writer.flush()
+        first = threading.Thread(target=lambda: got.append(next(read_stream(reader, "pipe"))))
+        first.start()
+        first.join(timeout=10)  # guards against a hang; it returns at once when correct
+        alive = first.is_alive()
+        writer.close()  # ends the stream, so a stuck reader can finish
+        first.join()
+    assert not alive
+    assert got == [RawEvent("pipe", 1, '{"n": 1}', {"n": 1})]
