@@ -244,7 +244,9 @@ class AmberfloClient:
             content=content,
             headers={"Content-Encoding": "gzip"},
         )
-        match = _INGESTED.match(response.text)
+        # The answer is ASCII text: decoding it directly skips httpx's charset detection, which
+        # cost a twentieth of the client's CPU per ingest request.
+        match = _INGESTED.match(response.content.decode("utf-8", "replace"))
         if match is None:
             raise _unexpected(response, "POST /ingest", "no 'N records were ingested' answer")
         count = int(match.group(1))

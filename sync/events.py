@@ -210,7 +210,12 @@ def _meter(kind: str, message: Mapping[str, Any]) -> Mapped:
         if raw_value is not None:
             # A bool is an int in Python and a string may look numeric, but billing on a guess
             # is worse than a dead letter the user can fix and replay.
-            if isinstance(raw_value, bool) or not isinstance(raw_value, int | float):
+            kind_of_value = type(raw_value)
+            if (
+                kind_of_value is not int
+                and kind_of_value is not float
+                and (isinstance(raw_value, bool) or not isinstance(raw_value, int | float))
+            ):
                 return Rejected(f"track value is not a number: {_show(raw_value)}")
             try:
                 value = float(raw_value)
@@ -230,13 +235,9 @@ def _meter(kind: str, message: Mapping[str, Any]) -> Mapped:
         else:
             _add_wire_pairs(dimensions, properties, "")
 
+    # Positional: a third cheaper than keywords, and the order is MeterEvent's own.
     return MeterEvent(
-        unique_id=_unique_id(message),
-        customer_id=customer_id,
-        meter_api_name=meter,
-        meter_value=value,
-        meter_time_ms=millis,
-        dimensions=tuple(dimensions.items()),
+        _unique_id(message), customer_id, meter, value, millis, tuple(dimensions.items())
     )
 
 

@@ -2,8 +2,9 @@
 
 ::
 
-    sources -> event_input (RawEvent) -> events.map_message -> window of up to 1000 messages
-            -> deliver_meter_records (page/screen/track) + deliver_customers (identify)
+    sources -> event_input (RawEvent) -> events.map_message
+            -> page/screen/track: one stream of meter records -> deliver_meter_records
+            -> identify: windows of up to 1000 calls -> deliver_customers
             -> dead-letter file for what was malformed, rejected or refused by Amberflo
 
 Every message read ends in exactly one place, so ``read = sent + skipped + dead_lettered``:
@@ -12,14 +13,18 @@ reason) or ``dead_lettered`` (with its reason and raw text in ``dead-letter/<run
 ready to fix and replay). ``failed`` is the part of ``dead_lettered`` that Amberflo refused or
 that delivery gave up on.
 
-Messages go in windows so memory stays bounded whatever the input size, while each window is
-still delivered with the configured concurrency. Within a window, identify calls for the same
-user are folded into one upsert, applied in order, so two concurrent merges of one customer
-cannot overwrite each other.
+Meter records flow as one stream: :func:`~sync.deliver.deliver_meter_records` pulls them as it
+has room for another batch in flight, so the input is read and mapped (on this thread) while
+earlier batches are on the wire (on delivery threads), and the senders never wait for a window
+to fill or drain. Memory stays bounded: only the records of the batches in flight and the one
+being filled are held. Identify calls go in windows; within a window, calls for the same user
+are folded into one upsert, applied in order, so two concurrent merges of one customer cannot
+overwrite each other. A full window is delivered before reading goes on, which keeps the
+customer writes of later windows after those of earlier ones.
 
 A dry run needs no API key, opens no connection and writes nothing under the state folder: it
-prints each record it would send as one JSON line (``{"ingest": {...}}`` or
-``{"customer": {...}}``; per window, meter records first, as they are sent) and then the counts
+prints each record it would send as one JSON line (``{"ingest": {...}}`` as each meter record
+is mapped, ``{"customer": {...}}`` when its window is delivered) and then the counts
 (``{"dry_run": {...}}``). Its exit code is the one a real run would have for the same input
 (3 when something would be dead-lettered), so a dry run can gate a pipeline.
 """
@@ -29,10 +34,10 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol, TextIO
+from typing import Any, Final, Protocol, TextIO, TypeAlias
 
 import structlog
 
@@ -51,7 +56,7 @@ __all__ = ["WINDOW", "EventsRunResult", "forward_events"]
 log = structlog.get_logger(__name__)
 
 WINDOW: Final = 1000
-"""Messages read and mapped before their records are delivered."""
+"""Identify calls gathered before their customer upserts are delivered."""
 
 STOPPED_REASON: Final = "not sent: the run was stopped before this event was delivered"
 
@@ -200,27 +205,32 @@ class _Tally:
     skipped: Counter[str] = field(default_factory=Counter)
 
 
-@dataclass(slots=True)
-class _Window:
-    """Mapped messages waiting for delivery; each record remembers the events it came from."""
-
-    meters: list[tuple[RawEvent, MeterEvent]] = field(default_factory=list)
-    customers: dict[str, tuple[CustomerRecord, list[RawEvent]]] = field(default_factory=dict)
-    size: int = 0
+# Identify calls of one window by customer id: the folded record and the events it came from.
+_CustomerWindow: TypeAlias = dict[str, tuple[CustomerRecord, list[RawEvent]]]
 
 
 class _Sink(Protocol):
-    """Delivers a window, calling ``delivered`` or ``failed`` once for each of its events."""
+    """Delivers meter records and customer windows, calling ``delivered`` or ``failed`` once
+    for each of their events."""
 
     @property
     def mode(self) -> WriteMode: ...
 
-    def deliver(
+    def meters(
         self,
-        window: _Window,
+        stream: Iterator[tuple[RawEvent, MeterEvent]],
         delivered: Callable[[RawEvent], None],
         failed: Callable[[RawEvent, str], None],
-    ) -> None: ...
+    ) -> None:
+        """Deliver every meter record of ``stream``, pulling it as delivery has room."""
+
+    def customers(
+        self,
+        window: _CustomerWindow,
+        delivered: Callable[[RawEvent], None],
+        failed: Callable[[RawEvent, str], None],
+    ) -> None:
+        """Upsert the customers of one window."""
 
 
 def _forward(
@@ -250,28 +260,45 @@ def _forward(
         tally.failed += 1
         dead_letter(event, reason)
 
-    window = _Window()
+    customers: _CustomerWindow = {}
     source_error: SourceError | None = None
-    interrupted = False
+    finished = False
+
+    def meters() -> Generator[tuple[RawEvent, MeterEvent], None, None]:
+        """Read and route every event; meter records are yielded, the rest handled here."""
+        nonlocal customers, source_error, finished
+        size = 0  # identify calls in the window, folded or not
+        try:
+            for event in events:
+                tally.read += 1
+                mapped = _map(event, tally, dead_letter)
+                if isinstance(mapped, MeterEvent):
+                    yield event, mapped
+                elif mapped is not None:
+                    _gather(customers, event, mapped.customer, sink.mode)
+                    size += 1
+                    if size >= WINDOW:
+                        sink.customers(customers, delivered, failed)
+                        customers, size = {}, 0
+                if stop is not None and stop.is_set():
+                    return
+        except SourceError as exc:
+            # Deliver what was read before the source broke, then fail the run.
+            source_error = exc
+        finished = True
+
+    stream = meters()
     try:
-        for event in events:
-            tally.read += 1
-            _take(event, window, tally, dead_letter, sink.mode)
-            if window.size >= WINDOW:
-                sink.deliver(window, delivered, failed)
-                window = _Window()
-            if stop is not None and stop.is_set():
-                interrupted = True
-                break
-    except SourceError as exc:
-        # Deliver what was read before the source broke, then fail the run.
-        source_error = exc
-    sink.deliver(window, delivered, failed)
+        sink.meters(stream, delivered, failed)
+    finally:
+        stream.close()  # a stop may leave it unfinished: close the input now, not at collection
+    sink.customers(customers, delivered, failed)
     if source_error is not None:
         raise source_error
 
     dead_lettered = dead_letters.count
     path = dead_letters.path if dead_lettered else None
+    interrupted = not finished
     return EventsRunResult(
         run_id=run_id,
         read=tally.read,
@@ -286,35 +313,34 @@ def _forward(
     )
 
 
-def _take(
-    event: RawEvent,
-    window: _Window,
-    tally: _Tally,
-    dead_letter: Callable[[RawEvent, str], None],
-    mode: WriteMode,
-) -> None:
-    """Route one event: dead letter, skip, or into the window."""
+def _map(
+    event: RawEvent, tally: _Tally, dead_letter: Callable[[RawEvent, str], None]
+) -> MeterEvent | IdentifyEvent | None:
+    """What is to be delivered of one event; ``None`` once it is dead-lettered or skipped."""
     if event.error is not None:
         dead_letter(event, event.error)
-        return
+        return None
     mapped = map_message(event.message)
     if isinstance(mapped, Rejected):
         dead_letter(event, mapped.reason)
-    elif isinstance(mapped, Skipped):
+        return None
+    if isinstance(mapped, Skipped):
         tally.skipped[mapped.reason] += 1
-    elif isinstance(mapped, MeterEvent):
-        window.meters.append((event, mapped))
-        window.size += 1
-    elif isinstance(mapped, IdentifyEvent):
-        record = mapped.customer
-        held = window.customers.get(record.customer_id)
-        if held is None:
-            window.customers[record.customer_id] = (record, [event])
-        else:
-            earlier, sources = held
-            sources.append(event)
-            window.customers[record.customer_id] = (_fold(earlier, record, mode), sources)
-        window.size += 1
+        return None
+    return mapped
+
+
+def _gather(
+    window: _CustomerWindow, event: RawEvent, record: CustomerRecord, mode: WriteMode
+) -> None:
+    """Add an identify call to its window, folded into the user's earlier calls there."""
+    held = window.get(record.customer_id)
+    if held is None:
+        window[record.customer_id] = (record, [event])
+    else:
+        earlier, sources = held
+        sources.append(event)
+        window[record.customer_id] = (_fold(earlier, record, mode), sources)
 
 
 def _fold(earlier: CustomerRecord, later: CustomerRecord, mode: WriteMode) -> CustomerRecord:
@@ -333,7 +359,7 @@ def _fold(earlier: CustomerRecord, later: CustomerRecord, mode: WriteMode) -> Cu
 
 
 class _Sender:
-    """Delivers a window to Amberflo: meter records in batches, then customer upserts."""
+    """Delivers to Amberflo: meter records in batches, customer windows as upserts."""
 
     def __init__(
         self,
@@ -352,43 +378,63 @@ class _Sender:
         self._stop = stop
         self.mode = mode
 
-    def deliver(
+    def meters(
         self,
-        window: _Window,
+        stream: Iterator[tuple[RawEvent, MeterEvent]],
         delivered: Callable[[RawEvent], None],
         failed: Callable[[RawEvent, str], None],
     ) -> None:
-        # Refs are positions in the window: unique even when two events share a messageId.
-        meter_events = {str(index): event for index, (event, _) in enumerate(window.meters)}
+        # The events whose records were pulled and not yet settled, by ref. Refs count the
+        # records, so they are unique even when two events share a messageId.
+        unsettled: dict[str, RawEvent] = {}
+
+        def records() -> Iterator[tuple[str, MeterEvent]]:
+            for number, (event, meter) in enumerate(stream):
+                ref = str(number)
+                unsettled[ref] = event
+                yield ref, meter
 
         def on_meter(ref: str, outcome: Outcome) -> None:
-            _settle(meter_events.pop(ref), outcome, delivered, failed)
+            event = unsettled.pop(ref)
+            if outcome.ok:
+                delivered(event)
+            else:
+                _settle(event, outcome, delivered, failed)
 
         deliver_meter_records(
             self._client,
-            ((str(index), meter.as_record()) for index, (_, meter) in enumerate(window.meters)),
+            records(),
             concurrency=self._concurrency,
             policy=self._policy,
             on_outcome=on_meter,
             stop=self._stop,
         )
-        customer_events = dict(window.customers)
+        # Whatever a stop left unsent is dead-lettered, so every event read is accounted for.
+        for event in unsettled.values():
+            failed(event, STOPPED_REASON)
+
+    def customers(
+        self,
+        window: _CustomerWindow,
+        delivered: Callable[[RawEvent], None],
+        failed: Callable[[RawEvent, str], None],
+    ) -> None:
+        if not window:
+            return
+        unsettled = dict(window)
 
         def on_customer(record: CustomerRecord, outcome: Outcome) -> None:
-            for event in customer_events.pop(record.customer_id)[1]:
+            for event in unsettled.pop(record.customer_id)[1]:
                 _settle(event, outcome, delivered, failed)
 
         deliver_customers(
             self._writer,
-            (record for record, _ in window.customers.values()),
+            (record for record, _ in window.values()),
             concurrency=self._concurrency,
             on_outcome=on_customer,
             stop=self._stop,
         )
-        # Whatever a stop left unsent is dead-lettered, so every event read is accounted for.
-        for event in meter_events.values():
-            failed(event, STOPPED_REASON)
-        for _, events in customer_events.values():
+        for _, events in unsettled.values():
             for event in events:
                 failed(event, STOPPED_REASON)
 
@@ -414,16 +460,23 @@ class _DryRun:
         self._out = out
         self.mode = mode
 
-    def deliver(
+    def meters(
         self,
-        window: _Window,
+        stream: Iterator[tuple[RawEvent, MeterEvent]],
         delivered: Callable[[RawEvent], None],
         failed: Callable[[RawEvent, str], None],
     ) -> None:
-        for event, meter in window.meters:
+        for event, meter in stream:
             self._print({"ingest": meter.as_record()})
             delivered(event)
-        for record, events in window.customers.values():
+
+    def customers(
+        self,
+        window: _CustomerWindow,
+        delivered: Callable[[RawEvent], None],
+        failed: Callable[[RawEvent, str], None],
+    ) -> None:
+        for record, events in window.values():
             self._print({"customer": _customer_view(record)})
             for event in events:
                 delivered(event)

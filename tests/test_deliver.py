@@ -18,7 +18,7 @@ import pytest
 import stamina
 from structlog.testing import capture_logs
 
-from sync.amberflo import AmberfloClient
+from sync.amberflo import AmberfloClient, encode_json
 from sync.deliver import (
     PREFETCH_MIN_SENDS,
     SENDS_PER_PAGE,
@@ -846,3 +846,58 @@ def test_permanent_rejections_do_not_count_as_amberflo_being_down(fake: FakeAmbe
         )
     assert summary.stopped_reason is None
     assert (summary.delivered, summary.failed) == (10, 40)
+
+
+class SelfEncoded:
+    """A record that serializes itself, as sync.events.MeterEvent does."""
+
+    def __init__(self, record: dict[str, Any], *, broken: bool = False) -> None:
+        self.record = record
+        self.broken = broken
+
+    def as_json(self) -> bytes:
+        if self.broken:
+            raise ValueError("Out of range float values are not JSON compliant")
+        return json.dumps(self.record, separators=(",", ":")).encode()
+
+
+def test_records_that_serialize_themselves_go_as_their_own_bytes(fake: FakeAmberflo) -> None:
+    """A record with as_json is sent as the bytes it gives, mixed freely with mappings; one
+    that cannot serialize fails alone with the reason."""
+    records: list[tuple[str, Any]] = [
+        ("a", SelfEncoded(meter("u1", 0, region="eu"))),
+        ("b", meter("u1", 1)),
+        ("bad", SelfEncoded(meter("u1", 2), broken=True)),
+        ("c", SelfEncoded(meter("u1", 3))),
+    ]
+    outcomes, summary = deliver(fake, records, concurrency=1)
+    sent = [meter("u1", 0, region="eu"), meter("u1", 1), meter("u1", 3)]
+    assert fake.batches == [b"[" + b",".join(encode_json(record) for record in sent) + b"]"]
+    assert not outcomes["bad"].ok
+    assert outcomes["bad"].reason == (
+        "the record cannot be serialized as JSON: Out of range float values are not JSON compliant"
+    )
+    assert (summary.delivered, summary.failed) == (3, 1)
+
+
+def test_records_are_pulled_only_as_batches_go_out(fake: FakeAmberflo) -> None:
+    """A lazy stream is read a batch or so ahead of what is in flight, never all at once."""
+    pulled = 0
+    most_ahead = 0
+
+    def stream() -> Iterator[tuple[str, dict[str, Any]]]:
+        nonlocal pulled
+        for i in range(2_000):
+            pulled += 1
+            yield f"r{i}", meter("u1", i)
+
+    def on_outcome(ref: str, outcome: Outcome) -> None:
+        nonlocal most_ahead
+        most_ahead = max(most_ahead, pulled - len(fake.ingested))
+
+    with fake.client() as client:
+        deliver_meter_records(
+            client, stream(), batch_size=10, concurrency=2, policy=FAST, on_outcome=on_outcome
+        )
+    assert len(fake.ingested) == 2_000
+    assert most_ahead <= 10 * (2 + 2)  # in flight, being filled, and one just pulled

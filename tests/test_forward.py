@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import shutil
@@ -394,3 +395,47 @@ def test_one_summary_line_is_logged_with_the_counts(
         "dead_lettered": 1,
         "exit_code": EXIT_PARTIAL,
     }
+
+
+def test_identify_calls_beyond_a_window_are_applied_in_order(
+    emulator: EmulatorHandle, tmp_path: Path
+) -> None:
+    """Identify calls spread over several windows, between meter events, end with each
+    customer as its last call left it, and every event is accounted for once."""
+    messages: list[dict[str, Any]] = []
+    for n in range(WINDOW * 2 + 50):
+        messages.append(identify(n, f"u{n % 7}", seen=n, **({"tier": "gold"} if n < 7 else {})))
+        if n % 3 == 0:
+            messages.append(track(n))
+    path = ndjson(tmp_path / "in.ndjson", *messages)
+    result = forward_events(
+        settings_for(emulator, tmp_path / "state"), [path], dry_run=False, run_id=RUN_ID, out=None
+    )
+    assert (result.read, result.sent, result.exit_code) == (len(messages), len(messages), EXIT_OK)
+    customers = emulator.customers()
+    last = {f"u{n % 7}": n for n in range(WINDOW * 2 + 50)}
+    assert {user: customers[user]["traits"] for user in last} == {
+        user: {"seen": str(n), "tier": "gold"} for user, n in last.items()
+    }
+    assert len(emulator.ingested()) == sum(1 for m in messages if m["type"] == "track")
+
+
+def test_a_source_that_breaks_mid_file_delivers_what_came_before_and_fails(
+    emulator: EmulatorHandle, tmp_path: Path
+) -> None:
+    """A gzip file cut short: the events read before the cut are delivered, then the run
+    fails with SourceError naming the file, recorded in runs.jsonl."""
+    lines = "".join(json.dumps(track(n)) + "\n" for n in range(5_000)).encode()
+    compressed = gzip.compress(lines)
+    path = tmp_path / "cut.ndjson.gz"
+    path.write_bytes(compressed[: len(compressed) * 3 // 4])
+    state = tmp_path / "state"
+    with pytest.raises(SourceError, match=r"cut\.ndjson\.gz"):
+        forward_events(
+            settings_for(emulator, state), [str(path)], dry_run=False, run_id=RUN_ID, out=None
+        )
+    ingested = emulator.ingested()
+    assert 0 < len(ingested) < 5_000
+    assert sorted(int(r["uniqueId"][4:]) for r in ingested) == list(range(len(ingested)))
+    [run] = [json.loads(line) for line in (state / "runs.jsonl").read_text().splitlines()]
+    assert run["exit_code"] == EXIT_FATAL
