@@ -702,6 +702,12 @@ def acknowledged_rows(result: Diff, ids: Iterable[str]) -> pd.DataFrame:
     This is what a checkpoint records: the full desired row of each user, fingerprints
     included.
     """
+    if ids is result.desired.index or (
+        isinstance(ids, pd.Index) and ids.equals(result.desired.index)
+    ):
+        # Every user sent was acknowledged (state adopt, a run without failures): the rows are
+        # the desired frame itself, with no per-id lookup over a million ids.
+        return result.desired
     wanted = list(dict.fromkeys(ids))
     probe = pd.DataFrame(index=pd.Index(pd.array(wanted, dtype=TEXT_DTYPE)))
     positions = _match(probe, result.desired, result._lookup)
