@@ -36,6 +36,7 @@ from typing import IO, Any, BinaryIO, Final, NamedTuple, cast
 import orjson
 
 from sync.errors import SourceError
+from sync.events import json_type
 
 __all__ = ["EVENT_SUFFIXES", "STDIN", "RawEvent", "read_events", "read_stream", "resolve_sources"]
 
@@ -343,7 +344,7 @@ def _messages(source: str, line: int, raw: str, value: object) -> Iterator[RawEv
         for item in value:
             yield from _item(source, line, item)
     else:
-        yield RawEvent(source, line, raw, None, f"expected a JSON object, got {_kind(value)}")
+        yield RawEvent(source, line, raw, None, f"expected a JSON object, got {json_type(value)}")
 
 
 def _envelope(
@@ -359,7 +360,7 @@ def _item(source: str, line: int, item: object) -> Iterator[RawEvent]:
     if isinstance(item, dict):
         yield RawEvent(source, line, raw, item)
     else:
-        yield RawEvent(source, line, raw, None, f"expected a JSON object, got {_kind(item)}")
+        yield RawEvent(source, line, raw, None, f"expected a JSON object, got {json_type(item)}")
 
 
 def _merge(shared: Mapping[str, Any], item: Mapping[str, Any]) -> dict[str, Any]:
@@ -407,7 +408,7 @@ def _item_or_error(source: str, line: int, raw: str, value: object) -> Iterator[
     if isinstance(value, dict):
         yield from _messages(source, line, raw, value)
     else:
-        yield RawEvent(source, line, raw, None, f"expected a JSON object, got {_kind(value)}")
+        yield RawEvent(source, line, raw, None, f"expected a JSON object, got {json_type(value)}")
 
 
 class _MalformedJSONError(Exception):
@@ -534,15 +535,3 @@ class _Scanner:
         line_end = self._buf.find("\n", at)
         raw = self._buf[line_start : line_end if line_end >= 0 else len(self._buf)]
         return _MalformedJSONError(message, line, raw.strip()[:_MAX_RAW_ON_ERROR])
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array" if isinstance(value, list) else type(value).__name__

@@ -151,7 +151,7 @@ def map_message(message: object) -> Mapped:
     # Decoded JSON is made of plain dicts: checking for one first spares the slower
     # isinstance(..., Mapping) on every event and every nested object.
     if type(message) is not dict and not isinstance(message, Mapping):
-        return Rejected(f"message is not a JSON object but {_json_type(message)}")
+        return Rejected(f"message is not a JSON object but {json_type(message)}")
     kind = message.get("type")
     if type(kind) is not str or kind not in _MAPPED_TYPES:  # the usual lower-case type: done
         if kind is None or kind == "":
@@ -179,7 +179,7 @@ def _identify(message: Mapping[str, Any]) -> Mapped:
         return Rejected("identify without userId")
     traits = message.get("traits")
     if traits is not None and not _is_mapping(traits):
-        return Rejected(f"identify traits is not an object but {_json_type(traits)}")
+        return Rejected(f"identify traits is not an object but {json_type(traits)}")
     traits = traits or {}
     name = _text(traits.get("name"))
     email = _text(traits.get("email"))
@@ -197,7 +197,7 @@ def _meter(kind: str, message: Mapping[str, Any]) -> Mapped:
         return millis
     properties = message.get("properties")
     if properties is not None and not _is_mapping(properties):
-        return Rejected(f"{kind} properties is not an object but {_json_type(properties)}")
+        return Rejected(f"{kind} properties is not an object but {json_type(properties)}")
     properties = properties or {}
 
     value = 1.0
@@ -357,7 +357,8 @@ def _parse_iso(value: object) -> datetime | None:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
+    """How a JSON value's type reads in an error message: \"a number\", \"an array\", ..."""
     if value is None:
         return "null"
     if isinstance(value, bool):

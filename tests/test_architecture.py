@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "sync.history": set(),
     # adapters: they do not import each other
     "sync.snapshot": BASE | {"sync.config", "sync.diff", "sync.fingerprint", "sync.keys"},
-    "sync.event_input": BASE,
+    "sync.event_input": BASE | {"sync.events"},
     "sync.amberflo": BASE,
     "sync.state": BASE,
     "sync.emulator": BASE,
