@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
@@ -110,15 +111,13 @@ class EmulatorOptions:
         self.faults()  # validates the fault fields
 
     def faults(self) -> FaultSettings:
-        """The fault settings these options start with."""
+        """The fault settings these options start with.
+
+        The options carry every fault field under the same name (so the CLI and tests pass
+        them flat); they are copied by name, so a new fault is declared in two places, not three.
+        """
         return FaultSettings(
-            rate_429=self.rate_429,
-            retry_after=self.retry_after,
-            rate_5xx=self.rate_5xx,
-            rate_drop=self.rate_drop,
-            latency_ms=self.latency_ms,
-            fail_all=self.fail_all,
-            reject_customers=self.reject_customers,
+            **{field.name: getattr(self, field.name) for field in dataclasses.fields(FaultSettings)}
         )
 
 
