@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
@@ -117,7 +116,7 @@ class EmulatorOptions:
         them flat); they are copied by name, so a new fault is declared in two places, not three.
         """
         return FaultSettings(
-            **{field.name: getattr(self, field.name) for field in dataclasses.fields(FaultSettings)}
+            **{field.name: getattr(self, field.name) for field in fields(FaultSettings)}
         )
 
 
