@@ -175,10 +175,10 @@ def schedule(
 def history(config_file: Path | None, as_json: bool, limit: int) -> None:
     """List recent runs: mode, start, duration, counts, exit code, failure file."""
     from sync.history import render_history
-    from sync.state import StateStore
+    from sync.state import RunLogs
 
     settings = _settings(config_file, require_api_key=False)
-    runs = StateStore(settings.state.dir).runs(limit=limit)
+    runs = RunLogs(settings.state.dir).runs(limit=limit)
     if as_json:
         for entry in runs:
             click.echo(json.dumps(entry, sort_keys=True))

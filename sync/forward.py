@@ -49,7 +49,7 @@ from sync.event_input import RawEvent, read_events
 from sync.events import IdentifyEvent, MeterEvent, Rejected, Skipped, map_message
 from sync.logs import bind_run
 from sync.model import CustomerRecord, Outcome, WriteMode
-from sync.state import StateStore
+from sync.state import RunLogs
 
 __all__ = ["WINDOW", "EventsRunResult", "forward_events"]
 
@@ -124,13 +124,13 @@ def forward_events(
         return result
 
     api_key = settings.api_key_value  # a ConfigError naming the fix before anything is read
-    store = StateStore(settings.state.dir)
+    logs = RunLogs(settings.state.dir)
     try:
-        result = _send(settings, sources, api_key=api_key, store=store, run_id=run_id, stop=stop)
+        result = _send(settings, sources, api_key=api_key, logs=logs, run_id=run_id, stop=stop)
     except SyncError as exc:
-        store.record_run(_run_entry(run_id, started, exc.exit_code, error=str(exc)))
+        logs.record_run(_run_entry(run_id, started, exc.exit_code, error=str(exc)))
         raise
-    store.record_run(_run_entry(run_id, started, result.exit_code, result=result))
+    logs.record_run(_run_entry(run_id, started, result.exit_code, result=result))
     _log_finished(result)
     return result
 
@@ -140,7 +140,7 @@ def _send(
     sources: Sequence[str],
     *,
     api_key: str,
-    store: StateStore,
+    logs: RunLogs,
     run_id: str,
     stop: threading.Event | None,
 ) -> EventsRunResult:
@@ -157,7 +157,7 @@ def _send(
             timeout=settings.amberflo.timeout_seconds,
             max_connections=concurrency,
         ) as client,
-        store.run_log(run_id, "dead-letter") as dead_letters,
+        logs.run_log(run_id, "dead-letter") as dead_letters,
     ):
         sender = _Sender(
             client,

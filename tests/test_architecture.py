@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +164,27 @@ def test_only_the_orchestrators_commit_state() -> None:
         and owner(module_name(path)) != "sync.state"
     }
     assert callers <= {"sync.pipeline"}, callers
+
+
+def test_the_events_command_starts_without_pandas_or_pyarrow() -> None:
+    """Loading the events path (CLI, forwarding, run logs) leaves pandas and pyarrow unloaded:
+    they cost about half a second of start-up the command has no use for."""
+    probe = (
+        "import sys, sync.cli, sync.forward, sync.state; "
+        "sync.state.RunLogs; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'pandas', 'pyarrow', 'numpy'}))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert loaded == "[]"
+
+
+def test_the_state_store_still_loads_on_first_use() -> None:
+    """``sync.state.StateStore`` resolves (lazily) to the store class, pandas with it."""
+    from sync.state import StateStore  # noqa: PLC0415 - the lazy attribute is what is tested
+    from sync.state._store import StateStore as Defined  # noqa: PLC0415
+
+    assert StateStore is Defined
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        _ = importlib.import_module("sync.state").Nothing

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import pandas as pd
 import pyarrow as pa
@@ -53,26 +53,24 @@ from sync.state._frames import (
     to_table,
     upsert,
 )
-from sync.state._jsonl import JsonlLog, append_durably, read_lines
+from sync.state._jsonl import JsonlLog
 from sync.state._last_run import LAST_RUN_COLUMN, RunSource, stamp_last_run, without_last_run
 from sync.state._layout import (
     BACKUPS_DIR,
     CHECKPOINTS_DIR,
     MANIFEST_FILE,
     NEXT_STATE_FILE,
-    RUNS_FILE,
     STATE_FILE,
     CheckpointName,
     check_run_id,
     way_out,
 )
 from sync.state._lock import hold_lock
+from sync.state._logs import LogKind, RunLogs
 from sync.state._manifest import FORMAT_VERSION, Manifest, now_utc, parse_manifest
 
 log = structlog.get_logger(__name__)
 
-LogKind = Literal["failures", "dead-letter"]
-_LOG_KINDS: tuple[LogKind, ...] = ("failures", "dead-letter")
 # Schema metadata key under which a checkpoint records its run and managed keys.
 _CHECKPOINT_META = b"amberflo_sync"
 # A reader without the lock may see a commit land halfway through its read; it then reads again.
@@ -140,6 +138,7 @@ class StateStore:
         self.directory = Path(directory)
         self._seq_lock = threading.Lock()
         self._last_seq: int | None = None
+        self._logs = RunLogs(self.directory)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -274,14 +273,8 @@ class StateStore:
         }
 
     def runs(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """Finished runs from ``runs.jsonl``, newest last; at most the last ``limit``.
-
-        A torn last line (a crash while appending) is skipped.
-        """
-        records = read_lines(self._path(RUNS_FILE))
-        if limit is None:
-            return records
-        return records[-limit:] if limit > 0 else []
+        """Finished runs from ``runs.jsonl``, newest last; at most the last ``limit``."""
+        return self._logs.runs(limit)
 
     # -- writing (the caller holds the lock) ------------------------------------------------
 
@@ -396,13 +389,11 @@ class StateStore:
 
     def run_log(self, run_id: str, kind: LogKind) -> JsonlLog:
         """The run's ``failures`` or ``dead-letter`` JSON Lines log (created on first write)."""
-        if kind not in _LOG_KINDS:
-            raise ValueError(f"unknown run log kind {kind!r}; expected one of {_LOG_KINDS}")
-        return JsonlLog(self._path(kind) / f"{check_run_id(run_id)}.jsonl")
+        return self._logs.run_log(run_id, kind)
 
     def record_run(self, entry: Mapping[str, Any]) -> None:
         """Append one finished run to ``runs.jsonl``, durably."""
-        append_durably(self._path(RUNS_FILE), entry)
+        self._logs.record_run(entry)
 
     def reset(self) -> Path | None:
         """Move the state files into ``backups/<UTC timestamp>/``; returns it (None: no state).
