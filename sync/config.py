@@ -86,10 +86,22 @@ class ReportSettings(_Section):
     samples: int = Field(default=20, ge=0, le=10_000)
 
 
+def _default_workers() -> int:
+    """One mapping worker a core this process may run on, at most four: past that, delivery
+    (one process) is the limit."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(cores, 4)
+
+
 class EventsSettings(_Section):
-    """``[events]``: the drop folder the ``schedule`` command forwards, when set."""
+    """``[events]``: the drop folder the ``schedule`` command forwards, when set, and how many
+    worker processes parse and map large inputs (0: all in the main process)."""
 
     path: str | None = None
+    workers: int = Field(default_factory=_default_workers, ge=0, le=64)
 
 
 class AlertSettings(_Section):

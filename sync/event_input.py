@@ -38,7 +38,17 @@ import orjson
 from sync.errors import SourceError
 from sync.events import json_type
 
-__all__ = ["EVENT_SUFFIXES", "STDIN", "RawEvent", "read_events", "read_stream", "resolve_sources"]
+__all__ = [
+    "EVENT_SUFFIXES",
+    "STDIN",
+    "NdjsonBlock",
+    "RawEvent",
+    "events_of_block",
+    "read_events",
+    "read_stream",
+    "read_units",
+    "resolve_sources",
+]
 
 STDIN: Final = "-"
 STDIN_SOURCE: Final = "<stdin>"
@@ -101,6 +111,18 @@ def resolve_sources(sources: Sequence[str]) -> list[str]:
 
 def read_events(sources: Sequence[str], *, stdin: BinaryIO | None = None) -> Iterator[RawEvent]:
     """Every message of ``sources``, in order; paths are checked at once (``SourceError``)."""
+    return _events(read_units(sources, stdin=stdin))
+
+
+def read_units(
+    sources: Sequence[str], *, stdin: BinaryIO | None = None
+) -> Iterator[RawEvent | NdjsonBlock]:
+    """What :func:`read_events` reads, with NDJSON left as blocks of lines not yet parsed.
+
+    Parsing a block (:func:`events_of_block`) is most of the cost of reading, and needs
+    nothing but the block: it may be done elsewhere, in another process, while the next block
+    is read. Paths are checked at once (``SourceError``).
+    """
     return _read_all(resolve_sources(sources), stdin)
 
 
@@ -109,6 +131,18 @@ def read_stream(stream: BinaryIO, source: str) -> Iterator[RawEvent]:
 
     The stream is left open: whoever opened it closes it.
     """
+    return _events(_stream_units(stream, source))
+
+
+def _events(units: Iterable[RawEvent | NdjsonBlock]) -> Iterator[RawEvent]:
+    for unit in units:
+        if isinstance(unit, NdjsonBlock):
+            yield from events_of_block(unit)
+        else:
+            yield unit
+
+
+def _stream_units(stream: BinaryIO, source: str) -> Iterator[RawEvent | NdjsonBlock]:
     buffered = (
         stream
         if isinstance(stream, io.BufferedReader)
@@ -125,7 +159,7 @@ def read_stream(stream: BinaryIO, source: str) -> Iterator[RawEvent]:
         if _starts_document(first):
             yield from _read_document_text(source, head, binary)
         else:
-            yield from _read_ndjson(source, head, binary)
+            yield from _ndjson_blocks(source, head, binary)
     finally:
         # Detach rather than close: closing the wrappers would close the caller's stream.
         if gunzipped is not None:
@@ -186,8 +220,33 @@ class _Replay(io.RawIOBase):
         return len(data)
 
 
-def _read_ndjson(source: str, head: bytes, stream: io.BufferedIOBase) -> Iterator[RawEvent]:
-    """NDJSON, read as bytes in large blocks of whole lines.
+class NdjsonBlock(NamedTuple):
+    """Whole NDJSON lines of one source, as read; :func:`events_of_block` parses them.
+
+    ``first_line`` is the number of the block's first line in its source.
+    """
+
+    source: str
+    first_line: int
+    data: bytes
+
+
+def _ndjson_blocks(source: str, head: bytes, stream: io.BufferedIOBase) -> Iterator[NdjsonBlock]:
+    number = 1
+    for block in _blocks(head, stream):
+        yield NdjsonBlock(source, number, block)
+        number += _count_lines(block)
+
+
+def _count_lines(block: bytes) -> int:
+    """The lines ``bytes.splitlines`` makes of ``block``: split at ``\n``, ``\r\n`` and a lone
+    ``\r``, a last line without its ending counted too."""
+    endings = block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+    return endings + (not block.endswith((b"\n", b"\r")) and len(block) > 0)
+
+
+def events_of_block(block: NdjsonBlock) -> Iterator[RawEvent]:
+    """The messages of an NDJSON block.
 
     Each line is parsed by orjson, which takes bytes and checks UTF-8 itself, at a fraction of
     the cost of decoding the line and parsing it with the standard library. A line orjson
@@ -196,28 +255,26 @@ def _read_ndjson(source: str, head: bytes, stream: io.BufferedIOBase) -> Iterato
     UTF-8 or not JSON is reported the same way. Lines are split where text mode splits them
     (``\n``, ``\r\n`` and a lone ``\r``), so line numbers are the ones an editor shows.
     """
-    number = 0
-    for block in _blocks(head, stream):
-        fast = _no_long_integers(block)
-        for line in block.splitlines():
-            number += 1
-            stripped = line.strip()
-            if not stripped:
-                continue
-            if fast:
-                try:
-                    value = orjson.loads(stripped)
-                except orjson.JSONDecodeError:
-                    pass
+    source = block.source
+    fast = _no_long_integers(block.data)
+    for number, line in enumerate(block.data.splitlines(), start=block.first_line):
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if fast:
+            try:
+                value = orjson.loads(stripped)
+            except orjson.JSONDecodeError:
+                pass
+            else:
+                # orjson only succeeds on valid UTF-8, so the strict decode cannot fail.
+                raw = stripped.decode()
+                if type(value) is dict and type(value.get("batch")) is not list:
+                    yield RawEvent(source, number, raw, value)  # the common case, inlined
                 else:
-                    # orjson only succeeds on valid UTF-8, so the strict decode cannot fail.
-                    raw = stripped.decode()
-                    if type(value) is dict and type(value.get("batch")) is not list:
-                        yield RawEvent(source, number, raw, value)  # the common case, inlined
-                    else:
-                        yield from _messages(source, number, raw, value)
-                    continue
-            yield from _read_line(source, number, line.decode("utf-8", "surrogateescape"))
+                    yield from _messages(source, number, raw, value)
+                continue
+        yield from _read_line(source, number, line.decode("utf-8", "surrogateescape"))
 
 
 def _blocks(head: bytes, stream: io.BufferedIOBase) -> Iterator[bytes]:
@@ -256,7 +313,7 @@ def _no_long_integers(block: bytes) -> bool:
     return block.translate(_DIGITS_ONLY).find(_LONG_DIGIT_RUN) < 0
 
 
-def _read_all(paths: Iterable[str], stdin: BinaryIO | None) -> Iterator[RawEvent]:
+def _read_all(paths: Iterable[str], stdin: BinaryIO | None) -> Iterator[RawEvent | NdjsonBlock]:
     for path in paths:
         if path == STDIN:
             stream = stdin if stdin is not None else sys.stdin.buffer
@@ -269,10 +326,10 @@ def _read_all(paths: Iterable[str], stdin: BinaryIO | None) -> Iterator[RawEvent
             raise SourceError(f"event source {path} cannot be read: {exc.strerror}") from exc
 
 
-def _guarded(source: str, stream: BinaryIO) -> Iterator[RawEvent]:
+def _guarded(source: str, stream: BinaryIO) -> Iterator[RawEvent | NdjsonBlock]:
     """Map I/O failures while reading (a truncated gzip, a disk error) to ``SourceError``."""
     try:
-        yield from read_stream(stream, source)
+        yield from _stream_units(stream, source)
     except (OSError, EOFError, zlib.error) as exc:
         # gzip.BadGzipFile is an OSError; EOFError is a gzip stream cut short.
         raise SourceError(

@@ -35,8 +35,10 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final, Protocol, TextIO, TypeAlias
 
 import structlog
@@ -45,8 +47,9 @@ from sync.amberflo import AmberfloClient
 from sync.config import Settings
 from sync.deliver import CustomerWriter, RetryPolicy, deliver_customers, deliver_meter_records
 from sync.errors import EXIT_OK, EXIT_PARTIAL, SourceError, SyncError
-from sync.event_input import RawEvent, read_events
-from sync.events import IdentifyEvent, MeterEvent, Rejected, Skipped, map_message
+from sync.event_input import STDIN, RawEvent, read_units, resolve_sources
+from sync.event_workers import EncodedMeter, MappingPool, Paired, mapped_events
+from sync.events import MeterEvent, Rejected, Skipped
 from sync.logs import bind_run
 from sync.model import CustomerRecord, Outcome, WriteMode
 from sync.state import RunLogs
@@ -59,6 +62,9 @@ WINDOW: Final = 1000
 """Identify calls gathered before their customer upserts are delivered."""
 
 STOPPED_REASON: Final = "not sent: the run was stopped before this event was delivered"
+
+# Below this much input (a couple of read blocks) worker processes cost more than they save.
+_POOL_MIN_BYTES: Final = 2 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +122,7 @@ def forward_events(
     bind_run(run_id, command="events")
     started = datetime.now(UTC)
     if dry_run:
-        events = read_events(sources)
+        events = mapped_events(read_units(sources))
         sink = _DryRun(out, settings.amberflo.write_mode)
         result = _forward(events, sink, _LogOnlyDeadLetters(), run_id, dry_run=True, stop=stop)
         sink.print_counts(result)
@@ -144,12 +150,13 @@ def _send(
     run_id: str,
     stop: threading.Event | None,
 ) -> EventsRunResult:
-    events = read_events(sources)
+    paths = resolve_sources(sources)
     policy = RetryPolicy(
         attempts=settings.amberflo.max_attempts, deadline=settings.amberflo.retry_deadline_seconds
     )
     concurrency = settings.amberflo.concurrency
     with (
+        _mapping_pool(paths, settings.events.workers) as pool,
         AmberfloClient(
             api_key=api_key,
             base_url=settings.base_url,
@@ -167,7 +174,24 @@ def _send(
             mode=settings.amberflo.write_mode,
             stop=stop,
         )
+        events = mapped_events(read_units(paths), pool)
         return _forward(events, sender, dead_letters, run_id, dry_run=False, stop=stop)
+
+
+def _mapping_pool(paths: Sequence[str], workers: int) -> MappingPool | nullcontext[None]:
+    """Worker processes for mapping when the input is large enough to pay for them.
+
+    Opened before the client and its delivery threads, so that the workers are forked from a
+    process with one thread. Standard input is mapped here: its size is not known up front.
+    """
+    if workers < 1 or STDIN in paths:
+        return nullcontext()
+    size = sum(Path(path).stat().st_size for path in paths)
+    if size < _POOL_MIN_BYTES:
+        return nullcontext()
+    pool = MappingPool(workers)
+    log.info("mapping_workers_started", workers=workers, input_bytes=size)
+    return pool
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -205,6 +229,9 @@ class _Tally:
     skipped: Counter[str] = field(default_factory=Counter)
 
 
+# A meter record mapped here, or serialized by a mapping worker.
+MeterRecord: TypeAlias = MeterEvent | EncodedMeter
+
 # Identify calls of one window by customer id: the folded record and the events it came from.
 _CustomerWindow: TypeAlias = dict[str, tuple[CustomerRecord, list[RawEvent]]]
 
@@ -218,7 +245,7 @@ class _Sink(Protocol):
 
     def meters(
         self,
-        stream: Iterator[tuple[RawEvent, MeterEvent]],
+        stream: Iterator[tuple[RawEvent, MeterRecord]],
         delivered: Callable[[RawEvent], None],
         failed: Callable[[RawEvent, str], None],
     ) -> None:
@@ -234,7 +261,7 @@ class _Sink(Protocol):
 
 
 def _forward(
-    events: Iterator[RawEvent],
+    events: Iterator[Paired],
     sink: _Sink,
     dead_letters: _DeadLetters,
     run_id: str,
@@ -264,17 +291,20 @@ def _forward(
     source_error: SourceError | None = None
     finished = False
 
-    def meters() -> Generator[tuple[RawEvent, MeterEvent], None, None]:
-        """Read and route every event; meter records are yielded, the rest handled here."""
+    def meters() -> Generator[tuple[RawEvent, MeterRecord], None, None]:
+        """Route every event; meter records are yielded, the rest handled here."""
         nonlocal customers, source_error, finished
         size = 0  # identify calls in the window, folded or not
         try:
-            for event in events:
+            for event, mapped in events:
                 tally.read += 1
-                mapped = _map(event, tally, dead_letter)
-                if isinstance(mapped, MeterEvent):
+                if isinstance(mapped, MeterEvent | EncodedMeter):
                     yield event, mapped
-                elif mapped is not None:
+                elif isinstance(mapped, Rejected):
+                    dead_letter(event, mapped.reason)
+                elif isinstance(mapped, Skipped):
+                    tally.skipped[mapped.reason] += 1
+                else:
                     _gather(customers, event, mapped.customer, sink.mode)
                     size += 1
                     if size >= WINDOW:
@@ -311,23 +341,6 @@ def _forward(
         dry_run=dry_run,
         interrupted=interrupted,
     )
-
-
-def _map(
-    event: RawEvent, tally: _Tally, dead_letter: Callable[[RawEvent, str], None]
-) -> MeterEvent | IdentifyEvent | None:
-    """What is to be delivered of one event; ``None`` once it is dead-lettered or skipped."""
-    if event.error is not None:
-        dead_letter(event, event.error)
-        return None
-    mapped = map_message(event.message)
-    if isinstance(mapped, Rejected):
-        dead_letter(event, mapped.reason)
-        return None
-    if isinstance(mapped, Skipped):
-        tally.skipped[mapped.reason] += 1
-        return None
-    return mapped
 
 
 def _gather(
@@ -380,7 +393,7 @@ class _Sender:
 
     def meters(
         self,
-        stream: Iterator[tuple[RawEvent, MeterEvent]],
+        stream: Iterator[tuple[RawEvent, MeterRecord]],
         delivered: Callable[[RawEvent], None],
         failed: Callable[[RawEvent, str], None],
     ) -> None:
@@ -388,7 +401,7 @@ class _Sender:
         # records, so they are unique even when two events share a messageId.
         unsettled: dict[str, RawEvent] = {}
 
-        def records() -> Iterator[tuple[str, MeterEvent]]:
+        def records() -> Iterator[tuple[str, MeterRecord]]:
             for number, (event, meter) in enumerate(stream):
                 ref = str(number)
                 unsettled[ref] = event
@@ -462,7 +475,7 @@ class _DryRun:
 
     def meters(
         self,
-        stream: Iterator[tuple[RawEvent, MeterEvent]],
+        stream: Iterator[tuple[RawEvent, MeterRecord]],
         delivered: Callable[[RawEvent], None],
         failed: Callable[[RawEvent, str], None],
     ) -> None:

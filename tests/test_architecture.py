@@ -36,6 +36,8 @@ ALLOWED: dict[str, set[str]] = {
     # adapters: they do not import each other
     "sync.snapshot": BASE | {"sync.config", "sync.diff", "sync.fingerprint", "sync.keys"},
     "sync.event_input": BASE | {"sync.events"},
+    # reading and mapping in worker processes: an adapter over the two above
+    "sync.event_workers": BASE | {"sync.event_input", "sync.events"},
     "sync.amberflo": BASE,
     "sync.state": BASE,
     "sync.emulator": BASE,
@@ -64,6 +66,7 @@ ALLOWED: dict[str, set[str]] = {
         "sync.config",
         "sync.deliver",
         "sync.event_input",
+        "sync.event_workers",
         "sync.events",
         "sync.logs",
         "sync.progress",
