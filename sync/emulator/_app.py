@@ -9,6 +9,7 @@ never faulted, and are not counted in the stats or the request log.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -207,6 +208,9 @@ class App:
         raw = parse_records(request.decoded_body())
         records = [validate_record(index, item) for index, item in enumerate(raw)]
         self.store.ingest(records)
+        # Stored records live until a reset: moved out of the collector's sight, they are not
+        # traversed again by every collection (a quarter of the time of a long ingest run).
+        gc.freeze()
         return Response.text(f"{len(records)} records were ingested")
 
     # -- customers -----------------------------------------------------------------------

@@ -7,6 +7,7 @@ unknown), only the status codes and the ``errorMessage``/``message`` keys are mo
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -14,11 +15,19 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 MAX_BODY_BYTES = 10 * 1024 * 1024
 """API Gateway's payload ceiling, applied to the body on the wire and after gunzip."""
 
 DIMENSION_PATTERN = re.compile(r"[-_ !.*'()&$@=;:+,?0-9A-Za-z]{1,200}")
 """The spec's reconstruction of Amberflo's dimension regex, for keys and values alike."""
+
+
+@functools.lru_cache(maxsize=4096)  # the same keys and values come in record after record
+def _dimension_text_ok(text: str) -> bool:
+    return DIMENSION_PATTERN.fullmatch(text) is not None
+
 
 SERVER_OWNED_CUSTOMER_FIELDS = frozenset({"id", "createTime", "updateTime"})
 
@@ -77,6 +86,18 @@ def parse_json(body: bytes) -> Any:
 
 def parse_records(body: bytes) -> list[Any]:
     """The raw records of an ingest body: a JSON object, a JSON array, or NDJSON."""
+    try:
+        # orjson reads what Jackson reads (no NaN, UTF-8 checked) several times faster than
+        # the standard library; whatever it refuses (NDJSON, bad input, integers past 64 bits)
+        # is read again below, which says what is wrong.
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        if type(document) is list:
+            return document
+        if type(document) is dict:
+            return [document]
     try:
         text = body.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
@@ -157,7 +178,7 @@ def _validate_dimensions(where: str, dimensions: object) -> dict[str, str]:
             f"{where}: dimensions must be an object of strings, got {_describe(dimensions)}"
         )
     for key, value in dimensions.items():
-        if not DIMENSION_PATTERN.fullmatch(key):
+        if not _dimension_text_ok(key):
             raise ingest_error(
                 f"{where}: dimensions key {_describe(key)} must match ^{DIMENSION_PATTERN.pattern}$"
             )
@@ -165,7 +186,7 @@ def _validate_dimensions(where: str, dimensions: object) -> dict[str, str]:
             raise ingest_error(
                 f"{where}: dimensions[{key!r}] must be a string, got {_describe(value)}"
             )
-        if not DIMENSION_PATTERN.fullmatch(value):
+        if not _dimension_text_ok(value):
             raise ingest_error(
                 f"{where}: dimensions[{key!r}] value {_describe(value)} must match "
                 f"^{DIMENSION_PATTERN.pattern}$"
