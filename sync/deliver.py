@@ -472,6 +472,7 @@ def deliver_meter_records(
     policy: RetryPolicy = DEFAULT_POLICY,
     on_outcome: Callable[[str, Outcome], None],
     stop: threading.Event | None = None,
+    log_summary: bool = True,
 ) -> DeliverySummary:
     """Ingest ``(ref, record)`` pairs in batches; one outcome per ref, on the calling thread.
 
@@ -480,6 +481,8 @@ def deliver_meter_records(
     thread, as the records are pulled: ``records`` may be a lazy stream that reads its input as
     batches go out. Batches hold at most ``batch_size`` records and ``max_batch_bytes`` of
     serialized JSON array; a record over ``max_record_bytes`` fails alone without being sent.
+    ``log_summary`` logs the counts at the end (a caller that sends a stream in parts logs its
+    own).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -505,12 +508,13 @@ def deliver_meter_records(
     )
     interrupted = _pump(units, work, concurrency=concurrency, stop=stop, report=report)
     summary = counts.summary(interrupted)
-    log.info(
-        "meter_records_delivered",
-        delivered=summary.delivered,
-        failed=summary.failed,
-        interrupted=interrupted,
-    )
+    if log_summary:
+        log.info(
+            "meter_records_delivered",
+            delivered=summary.delivered,
+            failed=summary.failed,
+            interrupted=interrupted,
+        )
     return summary
 
 

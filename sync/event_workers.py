@@ -1,16 +1,21 @@
-"""Messages paired with what they map to, parsed and mapped in worker processes when it pays.
+"""Large NDJSON inputs forwarded by worker processes: mapped, and their meter records sent.
 
-Forwarding a large NDJSON file is mostly parsing lines, mapping them (:func:`map_message`) and
-serializing meter records: pure work on a block of bytes, and more than one Python process can
-do at the pace the delivery threads send. Worker processes take NDJSON blocks
-(:class:`~sync.event_input.NdjsonBlock`) and hand back, per message, its line, its text and
-its mapping (a meter record already serialized). This process reads the blocks, keeps a few in
-flight, and yields the results in input order, so everything downstream (identify windows,
-dead letters, counts) sees exactly the stream one process would make.
+Forwarding a large file is mostly parsing lines, mapping them (:func:`map_message`),
+serializing and sending meter records: more than one Python process can do at the pace the
+emulator or Amberflo takes them. Worker processes each take an NDJSON block
+(:class:`~sync.event_input.NdjsonBlock`), map it, send its meter records with
+:func:`~sync.deliver.deliver_meter_records` (batching, retries, 400 isolation: the same code as
+one process uses) and hand back what is left for this process: the other messages (identify
+calls, skipped and rejected ones) with their line and text, and the meter records' outcome
+(how many, and each failure with its line and text, for the dead letters).
+
+This process reads the blocks, keeps two a worker in flight and yields the results in input
+order. Identify calls stay here: their windows keep one order for one customer's writes.
+Documents (JSON arrays, envelopes) are rare and are mapped here too.
 
 Workers are forked before any thread starts (the caller opens the pool first), ignore SIGINT
-and SIGTERM (the parent decides when to stop; they hold nothing that could be lost) and exit
-when the parent is gone. Documents (JSON arrays, envelopes) are rare and stay in this process.
+and SIGTERM (the parent decides when to stop: a block given to a worker is always finished and
+accounted for) and exit when the parent is gone.
 """
 
 from __future__ import annotations
@@ -20,69 +25,58 @@ import os
 import signal
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, NamedTuple, Self, TypeAlias
 
-import orjson
-
+from sync.amberflo import AmberfloClient
+from sync.deliver import RetryPolicy, deliver_meter_records
+from sync.errors import AuthError, SourceError
 from sync.event_input import NdjsonBlock, RawEvent, events_of_block
 from sync.events import Mapped, MeterEvent, Rejected, map_message
+from sync.model import Outcome
 
-__all__ = ["EncodedMeter", "MappingPool", "mapped_events"]
+__all__ = ["EventWorkers", "MeterDelivery", "SentMeters", "WorkerItem", "mapped_events"]
 
 _PARENT_CHECK_SECONDS: Final = 1.0
 _STOP_SIGNALS: Final = frozenset({signal.SIGINT, signal.SIGTERM})
 
-
-class EncodedMeter(NamedTuple):
-    """A meter record a worker serialized: :meth:`MeterEvent.as_json`'s bytes, kept as they are."""
-
-    encoded: bytes
-
-    def as_json(self) -> bytes:
-        """The record as compact UTF-8 JSON, as sent."""
-        return self.encoded
-
-    def as_record(self) -> dict[str, object]:
-        """The record as a mapping (for printing; sending uses :meth:`as_json`)."""
-        record: dict[str, object] = orjson.loads(self.encoded)
-        return record
+Paired: TypeAlias = tuple[RawEvent, Mapped]
 
 
-Paired: TypeAlias = tuple[RawEvent, "Mapped | EncodedMeter"]
+@dataclass(frozen=True)
+class MeterDelivery:
+    """How a worker sends meter records: its own client, like this process's."""
+
+    api_key: str = field(repr=False)
+    base_url: str
+    ingest_url: str | None
+    timeout: float
+    concurrency: int
+    policy: RetryPolicy
 
 
-class _MappedBlock(NamedTuple):
-    """A block's messages, column by column: a tuple per message would cost more to ship."""
+class SentMeters(NamedTuple):
+    """The meter records of one block, sent by a worker: how many, and those that failed."""
 
-    source: str
-    lines: list[int]
-    raws: list[str]
-    # A meter record serialized (bytes), or the mapping as map_message made it.
-    results: list[bytes | Mapped]
+    records: int
+    failures: list[tuple[RawEvent, Outcome]]
 
 
-def map_block(block: NdjsonBlock) -> _MappedBlock:
-    """Parse and map every message of ``block`` (runs in a worker process)."""
-    lines: list[int] = []
-    raws: list[str] = []
-    results: list[bytes | Mapped] = []
-    for event in events_of_block(block):
-        mapped = _mapping(event)
-        lines.append(event.line)
-        raws.append(event.raw)
-        if isinstance(mapped, MeterEvent):
-            try:
-                results.append(mapped.as_json())
-            except ValueError:
-                # Not serializable (a lone surrogate): shipped as it is, so that delivery
-                # refuses it with the same reason as when mapping in one process.
-                results.append(mapped)
+WorkerItem: TypeAlias = Paired | SentMeters
+
+
+def mapped_events(units: Iterable[RawEvent | NdjsonBlock]) -> Iterator[Paired]:
+    """Every message of ``units`` with its mapping, in order, all in this process; a message
+    that could not be read is paired with :class:`~sync.events.Rejected` and its error."""
+    for unit in units:
+        if isinstance(unit, NdjsonBlock):
+            for event in events_of_block(unit):
+                yield event, _mapping(event)
         else:
-            results.append(mapped)
-    return _MappedBlock(block.source, lines, raws, results)
+            yield unit, _mapping(unit)
 
 
 def _mapping(event: RawEvent) -> Mapped:
@@ -91,33 +85,39 @@ def _mapping(event: RawEvent) -> Mapped:
     return map_message(event.message)
 
 
-def mapped_events(
-    units: Iterable[RawEvent | NdjsonBlock], pool: MappingPool | None = None
-) -> Iterator[Paired]:
-    """Every message of ``units`` with its mapping, in order; a message that could not be read
-    is paired with :class:`~sync.events.Rejected` and its reading error.
+class _ForwardedBlock(NamedTuple):
+    """What a worker hands back of one block (only what this process still needs)."""
 
-    Without a ``pool`` everything is done here; with one, NDJSON blocks are mapped by its
-    workers, a few blocks ahead of the consumer.
+    source: str
+    # The messages that are not meter records: line, text, mapping.
+    kept: list[tuple[int, str, Mapped]]
+    meters: int
+    failures: list[tuple[int, str, Outcome]]
+    # An AuthError, as its parts: it does not pickle whole (keyword-only arguments).
+    auth_error: tuple[str, int, str] | None = None
+
+
+class EventWorkers:
+    """Worker processes that forward NDJSON blocks; a context manager (the workers end with it).
+
+    ``delivery.concurrency`` is shared among the workers, so no more requests are in flight at
+    once than one process would make.
     """
-    if pool is None:
-        for unit in units:
-            if isinstance(unit, NdjsonBlock):
-                for event in events_of_block(unit):
-                    yield event, _mapping(event)
-            else:
-                yield unit, _mapping(unit)
-        return
-    yield from pool.map(units)
 
-
-class MappingPool:
-    """Worker processes that map NDJSON blocks; a context manager (the workers end with it)."""
-
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, delivery: MeterDelivery) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.workers = workers
+        self.stopped_early = False
+        per_worker = max(1, delivery.concurrency // workers)
+        shared = MeterDelivery(
+            api_key=delivery.api_key,
+            base_url=delivery.base_url,
+            ingest_url=delivery.ingest_url,
+            timeout=delivery.timeout,
+            concurrency=per_worker,
+            policy=delivery.policy,
+        )
         # Stop signals are held back (not lost) while forking: a worker is born with them
         # blocked, so none can reach it before it has set them aside.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -128,33 +128,46 @@ class MappingPool:
                 max_workers=workers,
                 mp_context=multiprocessing.get_context("fork"),
                 initializer=_start_worker,
-                initargs=(os.getpid(),),
+                initargs=(os.getpid(), shared),
             )
             # The executor forks on first use: do it now, before the caller starts threads.
             self._executor.submit(int).result()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
-    def map(self, units: Iterable[RawEvent | NdjsonBlock]) -> Iterator[Paired]:
-        """Every message of ``units`` with its mapping, in input order."""
-        # Two blocks a worker: one being mapped, one queued, so no worker waits for this
+    def forward(
+        self, units: Iterable[RawEvent | NdjsonBlock], stop: Callable[[], bool] | None = None
+    ) -> Iterator[WorkerItem]:
+        """Forward ``units``: messages left for this process with their mapping, and for each
+        block its meter records' outcome, in input order.
+
+        Once ``stop()`` is true no further unit is taken; the blocks already given to workers
+        are finished and yielded, and :attr:`stopped_early` tells whether any unit was left.
+        """
+        # Two blocks a worker: one being forwarded, one queued, so no worker waits for this
         # process; more would only hold memory.
         depth = 2 * self.workers
-        queue: deque[Future[_MappedBlock] | RawEvent] = deque()
+        queue: deque[Future[_ForwardedBlock] | RawEvent] = deque()
+        source = iter(units)
+        broken: SourceError | None = None
         try:
-            for unit in units:
+            for unit in source:
                 if isinstance(unit, NdjsonBlock):
-                    queue.append(self._executor.submit(map_block, unit))
+                    queue.append(self._executor.submit(_forward_block, unit))
                 else:
                     queue.append(unit)
                 while len(queue) > depth:
                     yield from _results(queue.popleft())
-            while queue:
-                yield from _results(queue.popleft())
-        finally:
-            for item in queue:
-                if isinstance(item, Future):
-                    item.cancel()
+                if stop is not None and stop():
+                    self.stopped_early = next(source, None) is not None
+                    break
+        except SourceError as exc:
+            # The blocks before the break were sent or are being sent: account for them first.
+            broken = exc
+        while queue:
+            yield from _results(queue.popleft())
+        if broken is not None:
+            raise broken
 
     def __enter__(self) -> Self:
         return self
@@ -168,22 +181,49 @@ class MappingPool:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _results(item: Future[_MappedBlock] | RawEvent) -> Iterator[Paired]:
+def _results(item: Future[_ForwardedBlock] | RawEvent) -> Iterator[WorkerItem]:
     if isinstance(item, RawEvent):
         yield item, _mapping(item)
         return
     block = item.result()
+    if block.auth_error is not None:
+        message, status, endpoint = block.auth_error
+        raise AuthError(message, status=status, endpoint=endpoint)
     source = block.source
-    for line, raw, result in zip(block.lines, block.raws, block.results, strict=True):
-        event = RawEvent(source, line, raw, None)
-        yield event, (EncodedMeter(result) if type(result) is bytes else result)  # type: ignore[misc]
+    for line, raw, mapped in block.kept:
+        yield RawEvent(source, line, raw, None), mapped
+    failures = [
+        (RawEvent(source, line, raw, None), outcome) for line, raw, outcome in block.failures
+    ]
+    yield SentMeters(block.meters, failures)
 
 
-def _start_worker(parent: int) -> None:
-    """Set up a worker: deaf to the signals its parent handles, gone when its parent is."""
+# -- in the worker processes ---------------------------------------------------------------
+
+
+class _Worker(NamedTuple):
+    client: AmberfloClient
+    delivery: MeterDelivery
+
+
+_worker: _Worker | None = None  # set once, when the worker process starts
+
+
+def _start_worker(parent: int, delivery: MeterDelivery) -> None:
+    """Set up a worker: its client, deaf to the signals its parent handles, gone when its
+    parent is."""
+    global _worker  # noqa: PLW0603 - one client for the worker's whole life
     for stop_signal in _STOP_SIGNALS:
         signal.signal(stop_signal, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    client = AmberfloClient(
+        api_key=delivery.api_key,
+        base_url=delivery.base_url,
+        ingest_url=delivery.ingest_url,
+        timeout=delivery.timeout,
+        max_connections=delivery.concurrency,
+    )
+    _worker = _Worker(client, delivery)
 
     def watch() -> None:
         # A parent that exits at once (a second Ctrl-C, a crash) cannot shut the pool down;
@@ -193,3 +233,43 @@ def _start_worker(parent: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _forward_block(block: NdjsonBlock) -> _ForwardedBlock:
+    """Map ``block`` and send its meter records (runs in a worker process)."""
+    if _worker is None:
+        raise RuntimeError("_forward_block runs in a started worker process only")
+    client, delivery = _worker
+    lines: list[int] = []
+    raws: list[str] = []
+    kept: list[tuple[int, str, Mapped]] = []
+    records: list[tuple[str, MeterEvent]] = []
+    for event in events_of_block(block):
+        mapped = _mapping(event)
+        if isinstance(mapped, MeterEvent):
+            # The ref is the record's place in lines and raws, to find it again if it fails.
+            records.append((str(len(lines)), mapped))
+            lines.append(event.line)
+            raws.append(event.raw)
+        else:
+            kept.append((event.line, event.raw, mapped))
+
+    failures: list[tuple[int, str, Outcome]] = []
+
+    def on_outcome(ref: str, outcome: Outcome) -> None:
+        if not outcome.ok:
+            index = int(ref)
+            failures.append((lines[index], raws[index], outcome))
+
+    try:
+        deliver_meter_records(
+            client,
+            records,
+            concurrency=delivery.concurrency,
+            policy=delivery.policy,
+            on_outcome=on_outcome,
+            log_summary=False,
+        )
+    except AuthError as exc:
+        return _ForwardedBlock(block.source, kept, 0, [], (str(exc), exc.status, exc.endpoint))
+    return _ForwardedBlock(block.source, kept, len(records), failures)

@@ -48,7 +48,7 @@ from sync.config import Settings
 from sync.deliver import CustomerWriter, RetryPolicy, deliver_customers, deliver_meter_records
 from sync.errors import EXIT_OK, EXIT_PARTIAL, SourceError, SyncError
 from sync.event_input import STDIN, RawEvent, read_units, resolve_sources
-from sync.event_workers import EncodedMeter, MappingPool, Paired, mapped_events
+from sync.event_workers import EventWorkers, MeterDelivery, SentMeters, WorkerItem, mapped_events
 from sync.events import MeterEvent, Rejected, Skipped
 from sync.logs import bind_run
 from sync.model import CustomerRecord, Outcome, WriteMode
@@ -124,7 +124,7 @@ def forward_events(
     if dry_run:
         events = mapped_events(read_units(sources))
         sink = _DryRun(out, settings.amberflo.write_mode)
-        result = _forward(events, sink, _LogOnlyDeadLetters(), run_id, dry_run=True, stop=stop)
+        result = _forward(events, sink, _LogOnlyDeadLetters(), run_id, stop=stop, dry_run=True)
         sink.print_counts(result)
         _log_finished(result)
         return result
@@ -155,8 +155,16 @@ def _send(
         attempts=settings.amberflo.max_attempts, deadline=settings.amberflo.retry_deadline_seconds
     )
     concurrency = settings.amberflo.concurrency
+    delivery = MeterDelivery(
+        api_key=api_key,
+        base_url=settings.base_url,
+        ingest_url=settings.ingest_url,
+        timeout=settings.amberflo.timeout_seconds,
+        concurrency=concurrency,
+        policy=policy,
+    )
     with (
-        _mapping_pool(paths, settings.events.workers) as pool,
+        _event_workers(paths, settings.events.workers, delivery) as workers,
         AmberfloClient(
             api_key=api_key,
             base_url=settings.base_url,
@@ -174,23 +182,33 @@ def _send(
             mode=settings.amberflo.write_mode,
             stop=stop,
         )
-        events = mapped_events(read_units(paths), pool)
-        return _forward(events, sender, dead_letters, run_id, dry_run=False, stop=stop)
+        if workers is None:
+            return _forward(
+                mapped_events(read_units(paths)), sender, dead_letters, run_id, stop=stop
+            )
+        stopping = stop.is_set if stop is not None else None
+        items = workers.forward(read_units(paths), stop=stopping)
+        # The workers honour the stop themselves: every block they were given is accounted for.
+        return _forward(
+            items, sender, dead_letters, run_id, stop=None, stopped=lambda: workers.stopped_early
+        )
 
 
-def _mapping_pool(paths: Sequence[str], workers: int) -> MappingPool | nullcontext[None]:
-    """Worker processes for mapping when the input is large enough to pay for them.
+def _event_workers(
+    paths: Sequence[str], workers: int, delivery: MeterDelivery
+) -> EventWorkers | nullcontext[None]:
+    """Worker processes when the input is large enough to pay for them.
 
     Opened before the client and its delivery threads, so that the workers are forked from a
-    process with one thread. Standard input is mapped here: its size is not known up front.
+    process with one thread. Standard input stays here: its size is not known up front.
     """
     if workers < 1 or STDIN in paths:
         return nullcontext()
     size = sum(Path(path).stat().st_size for path in paths)
     if size < _POOL_MIN_BYTES:
         return nullcontext()
-    pool = MappingPool(workers)
-    log.info("mapping_workers_started", workers=workers, input_bytes=size)
+    pool = EventWorkers(workers, delivery)
+    log.info("event_workers_started", workers=workers, input_bytes=size)
     return pool
 
 
@@ -228,9 +246,11 @@ class _Tally:
     failed: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
 
+    def add_sent(self, sent: SentMeters) -> None:
+        """Count a block's meter records sent by a worker; its failures are settled apart."""
+        self.read += sent.records
+        self.sent += sent.records - len(sent.failures)
 
-# A meter record mapped here, or serialized by a mapping worker.
-MeterRecord: TypeAlias = MeterEvent | EncodedMeter
 
 # Identify calls of one window by customer id: the folded record and the events it came from.
 _CustomerWindow: TypeAlias = dict[str, tuple[CustomerRecord, list[RawEvent]]]
@@ -245,7 +265,7 @@ class _Sink(Protocol):
 
     def meters(
         self,
-        stream: Iterator[tuple[RawEvent, MeterRecord]],
+        stream: Iterator[tuple[RawEvent, MeterEvent]],
         delivered: Callable[[RawEvent], None],
         failed: Callable[[RawEvent, str], None],
     ) -> None:
@@ -261,21 +281,27 @@ class _Sink(Protocol):
 
 
 def _forward(
-    events: Iterator[Paired],
+    events: Iterator[WorkerItem],
     sink: _Sink,
     dead_letters: _DeadLetters,
     run_id: str,
     *,
-    dry_run: bool,
     stop: threading.Event | None,
+    dry_run: bool = False,
+    stopped: Callable[[], bool] | None = None,
 ) -> EventsRunResult:
+    """Route every item of ``events`` and account for it. ``stop`` is checked after each item;
+    ``stopped`` says, at the end, whether ``events`` stopped before its end by itself."""
     tally = _Tally()
 
-    # A dry run writes no dead-letter file, so its log line must not claim one.
-    log_event = "event_rejected" if dry_run else "event_dead_lettered"
-
     def dead_letter(event: RawEvent, reason: str) -> None:
-        log.warning(log_event, source=event.source, line=event.line, reason=reason)
+        log.warning(
+            # A dry run writes no dead-letter file, so its log line must not claim one.
+            "event_rejected" if dry_run else "event_dead_lettered",
+            source=event.source,
+            line=event.line,
+            reason=reason,
+        )
         dead_letters.write(
             {"source": event.source, "line": event.line, "reason": reason, "raw": event.raw}
         )
@@ -291,14 +317,19 @@ def _forward(
     source_error: SourceError | None = None
     finished = False
 
-    def meters() -> Generator[tuple[RawEvent, MeterRecord], None, None]:
+    def meters() -> Generator[tuple[RawEvent, MeterEvent], None, None]:
         """Route every event; meter records are yielded, the rest handled here."""
         nonlocal customers, source_error, finished
         size = 0  # identify calls in the window, folded or not
         try:
-            for event, mapped in events:
+            for item in events:
+                if isinstance(item, SentMeters):  # a block's records, sent by a worker
+                    tally.add_sent(item)
+                    _settle_all(item.failures, delivered, failed)
+                    continue
+                event, mapped = item
                 tally.read += 1
-                if isinstance(mapped, MeterEvent | EncodedMeter):
+                if isinstance(mapped, MeterEvent):
                     yield event, mapped
                 elif isinstance(mapped, Rejected):
                     dead_letter(event, mapped.reason)
@@ -326,9 +357,15 @@ def _forward(
     if source_error is not None:
         raise source_error
 
+    interrupted = not finished or (stopped is not None and stopped())
+    return _result(run_id, tally, dead_letters, interrupted=interrupted, dry_run=dry_run)
+
+
+def _result(
+    run_id: str, tally: _Tally, dead_letters: _DeadLetters, *, interrupted: bool, dry_run: bool
+) -> EventsRunResult:
     dead_lettered = dead_letters.count
     path = dead_letters.path if dead_lettered else None
-    interrupted = not finished
     return EventsRunResult(
         run_id=run_id,
         read=tally.read,
@@ -393,7 +430,7 @@ class _Sender:
 
     def meters(
         self,
-        stream: Iterator[tuple[RawEvent, MeterRecord]],
+        stream: Iterator[tuple[RawEvent, MeterEvent]],
         delivered: Callable[[RawEvent], None],
         failed: Callable[[RawEvent, str], None],
     ) -> None:
@@ -401,7 +438,7 @@ class _Sender:
         # records, so they are unique even when two events share a messageId.
         unsettled: dict[str, RawEvent] = {}
 
-        def records() -> Iterator[tuple[str, MeterRecord]]:
+        def records() -> Iterator[tuple[str, MeterEvent]]:
             for number, (event, meter) in enumerate(stream):
                 ref = str(number)
                 unsettled[ref] = event
@@ -452,6 +489,15 @@ class _Sender:
                 failed(event, STOPPED_REASON)
 
 
+def _settle_all(
+    settled: Sequence[tuple[RawEvent, Outcome]],
+    delivered: Callable[[RawEvent], None],
+    failed: Callable[[RawEvent, str], None],
+) -> None:
+    for event, outcome in settled:
+        _settle(event, outcome, delivered, failed)
+
+
 def _settle(
     event: RawEvent,
     outcome: Outcome,
@@ -475,7 +521,7 @@ class _DryRun:
 
     def meters(
         self,
-        stream: Iterator[tuple[RawEvent, MeterRecord]],
+        stream: Iterator[tuple[RawEvent, MeterEvent]],
         delivered: Callable[[RawEvent], None],
         failed: Callable[[RawEvent, str], None],
     ) -> None:

@@ -36,14 +36,15 @@ ALLOWED: dict[str, set[str]] = {
     # adapters: they do not import each other
     "sync.snapshot": BASE | {"sync.config", "sync.diff", "sync.fingerprint", "sync.keys"},
     "sync.event_input": BASE | {"sync.events"},
-    # reading and mapping in worker processes: an adapter over the two above
-    "sync.event_workers": BASE | {"sync.event_input", "sync.events"},
     "sync.amberflo": BASE,
     "sync.state": BASE,
     "sync.emulator": BASE,
     "sync.alerts": BASE | {"sync.config"},
     # delivery
     "sync.deliver": BASE | {"sync.amberflo"},
+    # large event inputs forwarded by worker processes: mapping and meter delivery in each
+    "sync.event_workers": BASE
+    | {"sync.amberflo", "sync.deliver", "sync.event_input", "sync.events"},
     # orchestration
     "sync.pipeline": BASE
     | {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -14,9 +15,10 @@ from typing import Any
 import psutil
 import pytest
 
+from sync.deliver import RetryPolicy
 from sync.emulator import EmulatorHandle
 from sync.event_input import read_units
-from sync.event_workers import EncodedMeter, MappingPool, Paired, mapped_events
+from sync.event_workers import EventWorkers, MeterDelivery, SentMeters, mapped_events
 from sync.events import MeterEvent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,41 +62,70 @@ def write_mixed(path: Path, count: int) -> Path:
     return path
 
 
-def comparable(pair: Paired) -> tuple[Any, ...]:
-    event, mapped = pair
-    if isinstance(mapped, MeterEvent | EncodedMeter):
-        return (event.source, event.line, event.raw, "meter", mapped.as_json())
-    return (event.source, event.line, event.raw, mapped)
+def canonical(records: list[dict[str, Any]]) -> set[str]:
+    return {json.dumps(record, sort_keys=True) for record in records}
 
 
-def test_workers_yield_exactly_what_mapping_here_yields(tmp_path: Path) -> None:
-    """Over many read blocks and mixed sources, with bad lines among good ones, worker
-    processes give every message the same source, line, text and mapping (meter records byte
-    for byte), in the same order, as mapping in this process."""
-    first = write_mixed(tmp_path / "a.ndjson", 16_000)  # several 1 MiB read blocks
+def delivery_to(emulator: EmulatorHandle, concurrency: int = 4) -> MeterDelivery:
+    return MeterDelivery(
+        api_key="test-key",
+        base_url=emulator.url,
+        ingest_url=None,
+        timeout=30.0,
+        concurrency=concurrency,
+        policy=RetryPolicy(attempts=3, deadline=30.0, wait_initial=0.01, jitter=0.01),
+    )
+
+
+def test_workers_send_the_meter_records_and_hand_back_the_rest_in_order(
+    emulator: EmulatorHandle, tmp_path: Path
+) -> None:
+    """Over many read blocks and mixed sources, workers send exactly the meter records mapping
+    here makes, and hand back every other message with its source, line, text and mapping,
+    in input order."""
+    first = write_mixed(tmp_path / "a.ndjson", 16_000)  # a few 1 MiB read blocks
     document = tmp_path / "b.json"
     document.write_text(json.dumps([json.loads(message(n)) for n in (0, 1, 17)]), "utf-8")
     last = write_mixed(tmp_path / "c.ndjson", 300)
     sources = [str(first), str(document), str(last)]
-
-    here = [comparable(pair) for pair in mapped_events(read_units(sources))]
-    with MappingPool(2) as pool:
-        there = [comparable(pair) for pair in mapped_events(read_units(sources), pool)]
-
-    assert there == here
     assert first.stat().st_size > 2 << 20
-    kinds = {entry[3] if entry[3] == "meter" else type(entry[3]).__name__ for entry in here}
-    assert kinds == {"meter", "IdentifyEvent", "Skipped", "Rejected"}
+
+    here = list(mapped_events(read_units(sources)))
+    meters_here = [mapped.as_record() for _, mapped in here if isinstance(mapped, MeterEvent)]
+    with EventWorkers(2, delivery_to(emulator)) as workers:
+        there = list(workers.forward(read_units(sources)))
+
+    sent = [item for item in there if isinstance(item, SentMeters)]
+    kept = [item for item in there if not isinstance(item, SentMeters)]
+    assert [item.failures for item in sent] == [[]] * len(sent)
+    # Meter records of the document were mapped here (they are in `kept`); the rest were sent.
+    kept_meters = [mapped.as_record() for _, mapped in kept if isinstance(mapped, MeterEvent)]
+    assert sum(item.records for item in sent) + len(kept_meters) == len(meters_here)
+    # The same records (the emulator keeps one of identical records, as Amberflo does).
+    assert canonical(emulator.ingested()) | canonical(kept_meters) == canonical(meters_here)
+    # Every other message comes back in input order (the document's, mapped here, whole).
+    assert [(e.source, e.line, e.raw, m) for e, m in kept] == [
+        (e.source, e.line, e.raw, m)
+        for e, m in here
+        if not isinstance(m, MeterEvent) or e.source == str(document)
+    ]
 
 
-def test_an_event_stream_left_early_cancels_the_blocks_queued(tmp_path: Path) -> None:
-    """A consumer that stops reading (a stop request) leaves no work behind: the pool closes."""
-    path = write_mixed(tmp_path / "a.ndjson", 30_000)
-    with MappingPool(1) as pool:
-        stream = mapped_events(read_units([str(path)]), pool)
-        taken = [next(stream) for _ in range(10)]
-        stream.close()
-    assert [event.line for event, _ in taken][:3] == [1, 2, 3]
+def test_a_stop_finishes_the_blocks_given_out_and_takes_no_more(
+    emulator: EmulatorHandle, tmp_path: Path
+) -> None:
+    """Once stopped, workers finish and hand back every block they were given (nothing sent
+    goes unaccounted for), and no further block is taken."""
+    path = write_mixed(tmp_path / "a.ndjson", 40_000)
+    asked = itertools.count(1)
+    with EventWorkers(1, delivery_to(emulator)) as workers:
+        # Stopped once three blocks were given out (the first holds the first line alone).
+        items = list(workers.forward(read_units([str(path)]), stop=lambda: next(asked) >= 3))
+        assert workers.stopped_early
+    sent = sum(item.records for item in items if isinstance(item, SentMeters))
+    assert 0 < sent == len(emulator.ingested()) + emulator.stats()["records_duplicate"]
+    lines_back = [item[0].line for item in items if not isinstance(item, SentMeters)]
+    assert max(lines_back) < 20_000  # three blocks of about 5,000 lines, not the 40,000
 
 
 def run_events(emulator: EmulatorHandle, tmp_path: Path, source: Path, workers: int) -> Any:
@@ -136,7 +167,7 @@ def test_a_large_file_is_forwarded_alike_with_and_without_workers(
     for workers in (0, 2):
         done = run_events(emulator, tmp_path, source, workers)
         assert done.returncode == 3, done.stderr[-2000:]  # the bad lines are dead-lettered
-        assert ('"event": "mapping_workers_started"' in done.stderr) is (workers > 0)
+        assert ('"event": "event_workers_started"' in done.stderr) is (workers > 0)
         outcomes[workers] = (
             done.stdout.splitlines()[0].split(":", 1)[1],  # the counts, after the run id
             dead_letters(tmp_path / f"workers-{workers}"),
@@ -156,8 +187,10 @@ def test_workers_ignore_stop_signals_and_leave_with_their_parent(tmp_path: Path)
     script = textwrap.dedent(
         """
         import os, sys
-        from sync.event_workers import MappingPool
-        pool = MappingPool(2)
+        from sync.deliver import RetryPolicy
+        from sync.event_workers import EventWorkers, MeterDelivery
+        delivery = MeterDelivery("key", "http://127.0.0.1:9", None, 1.0, 2, RetryPolicy())
+        pool = EventWorkers(2, delivery)
         print(os.getpid(), flush=True)
         sys.stdin.readline()
         os._exit(0)  # no shutdown: the workers are left to notice on their own
@@ -185,7 +218,7 @@ def test_workers_ignore_stop_signals_and_leave_with_their_parent(tmp_path: Path)
     assert len(gone) == 2
 
 
-def test_a_pool_needs_a_worker() -> None:
-    """Zero workers is not a pool (the setting's 0 means: map in this process)."""
+def test_a_pool_needs_a_worker(emulator: EmulatorHandle) -> None:
+    """Zero workers is not a pool (the setting's 0 means: all in this process)."""
     with pytest.raises(ValueError, match="at least 1"):
-        MappingPool(0)
+        EventWorkers(0, delivery_to(emulator))
