@@ -23,11 +23,11 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import stamina
 import structlog
@@ -453,6 +453,12 @@ class _Rejected:
     reason: str
 
 
+# Records that share one outcome: a batch accepted whole, or the records of a failed part.
+# The outcome is one object for all of them (its ref is the first's): a batch of 100 costs
+# one allocation, not 100.
+_Settled: TypeAlias = tuple[Sequence[str], Outcome]
+
+
 class JsonRecord(Protocol):
     """A meter record that serializes itself, to the bytes ``encode_json`` would give it."""
 
@@ -490,15 +496,16 @@ def deliver_meter_records(
         raise ValueError("max_record_bytes must leave room for the array brackets in a batch")
     counts = _Counts()
 
-    def work(unit: _Batch | _Rejected) -> list[tuple[str, Outcome]]:
+    def work(unit: _Batch | _Rejected) -> list[_Settled]:
         if isinstance(unit, _Rejected):
-            return [(unit.ref, Outcome(ref=unit.ref, ok=False, reason=unit.reason))]
+            return [((unit.ref,), Outcome(ref=unit.ref, ok=False, reason=unit.reason))]
         return _send_batch(client, policy, list(unit.items))
 
-    def report(results: list[tuple[str, Outcome]]) -> None:
-        for ref, outcome in results:
-            counts.add(outcome)
-            on_outcome(ref, outcome)
+    def report(results: list[_Settled]) -> None:
+        for refs, outcome in results:
+            counts.add(outcome, len(refs))
+            for ref in refs:
+                on_outcome(ref, outcome)
 
     units = _batches(
         records,
@@ -556,7 +563,7 @@ def _batches(
 
 def _send_batch(
     client: AmberfloClient, policy: RetryPolicy, items: list[tuple[str, bytes]]
-) -> list[tuple[str, Outcome]]:
+) -> list[_Settled]:
     """Send one batch; on a 400 split it in halves until the bad records stand alone."""
     try:
         policy.call(lambda: client.ingest_encoded([record for _, record in items]))
@@ -567,13 +574,14 @@ def _send_batch(
             return _send_batch(client, policy, items[:middle]) + _send_batch(
                 client, policy, items[middle:]
             )
-        return _failed(items, exc)
+        return [_failed(items, exc)]
     except RetriableError as exc:
-        return _failed(items, exc)
-    return [(ref, Outcome(ref=ref, ok=True, status=200)) for ref, _ in items]
+        return [_failed(items, exc)]
+    refs = [ref for ref, _ in items]
+    return [(refs, Outcome(ref=refs[0], ok=True, status=200))]
 
 
-def _failed(items: list[tuple[str, bytes]], exc: DeliveryError) -> list[tuple[str, Outcome]]:
+def _failed(items: list[tuple[str, bytes]], exc: DeliveryError) -> _Settled:
     log.warning(
         "batch_failed",
         records=len(items),
@@ -582,9 +590,8 @@ def _failed(items: list[tuple[str, bytes]], exc: DeliveryError) -> list[tuple[st
         status=exc.status,
         reason=str(exc),
     )
-    return [
-        (ref, Outcome(ref=ref, ok=False, status=exc.status, reason=str(exc))) for ref, _ in items
-    ]
+    refs = [ref for ref, _ in items]
+    return refs, Outcome(ref=refs[0], ok=False, status=exc.status, reason=str(exc))
 
 
 # -- shared machinery -----------------------------------------------------------------------
@@ -597,11 +604,11 @@ class _Counts:
         self.delivered = 0
         self.failed = 0
 
-    def add(self, outcome: Outcome) -> None:
+    def add(self, outcome: Outcome, items: int = 1) -> None:
         if outcome.ok:
-            self.delivered += 1
+            self.delivered += items
         else:
-            self.failed += 1
+            self.failed += items
 
     def summary(self, interrupted: bool, stopped_reason: str | None = None) -> DeliverySummary:
         return DeliverySummary(
