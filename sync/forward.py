@@ -13,6 +13,11 @@ reason) or ``dead_lettered`` (with its reason and raw text in ``dead-letter/<run
 ready to fix and replay). ``failed`` is the part of ``dead_lettered`` that Amberflo refused or
 that delivery gave up on.
 
+Inputs of 2 MiB or more (files, not standard input) are forwarded with worker processes
+(:mod:`sync.event_workers`, ``[events] workers``): each maps an NDJSON block and sends its meter
+records itself, and hands back the rest (identify calls, skipped and rejected messages, failed
+records) in input order, so the accounting below is the same either way.
+
 Meter records flow as one stream: :func:`~sync.deliver.deliver_meter_records` pulls them as it
 has room for another batch in flight, so the input is read and mapped (on this thread) while
 earlier batches are on the wire (on delivery threads), and the senders never wait for a window

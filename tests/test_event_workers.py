@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from sync.deliver import RetryPolicy
-from sync.emulator import EmulatorHandle
+from sync.emulator import EmulatorHandle, EmulatorOptions, running_emulator
 from sync.event_input import read_units
 from sync.event_workers import EventWorkers, MeterDelivery, SentMeters, mapped_events
 from sync.events import MeterEvent
@@ -222,3 +222,17 @@ def test_a_pool_needs_a_worker(emulator: EmulatorHandle) -> None:
     """Zero workers is not a pool (the setting's 0 means: all in this process)."""
     with pytest.raises(ValueError, match="at least 1"):
         EventWorkers(0, delivery_to(emulator))
+
+
+def test_a_rejected_api_key_in_a_worker_fails_the_run_with_exit_1(tmp_path: Path) -> None:
+    """Amberflo refusing the key to a worker ends the run as it would in one process: exit 1,
+    a message naming the refusal and the fix, and the key nowhere in it."""
+    source = write_mixed(tmp_path / "in.ndjson", 14_000)
+    options = EmulatorOptions(port=0, api_keys=frozenset({"the-right-key"}))
+    with running_emulator(options) as emulator:
+        done = run_events(emulator, tmp_path, source, workers=2)
+        assert emulator.ingested() == []
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert '"event": "event_workers_started"' in done.stderr
+    assert "403" in done.stderr
+    assert "test-key" not in done.stderr + done.stdout
