@@ -57,6 +57,7 @@ from sync.event_workers import EventWorkers, MeterDelivery, SentMeters, WorkerIt
 from sync.events import MeterEvent, Rejected, Skipped
 from sync.logs import bind_run
 from sync.model import CustomerRecord, Outcome, WriteMode
+from sync.progress import ProgressReporter
 from sync.state import RunLogs
 
 __all__ = ["WINDOW", "EventsRunResult", "forward_events"]
@@ -67,6 +68,9 @@ WINDOW: Final = 1000
 """Identify calls gathered before their customer upserts are delivered."""
 
 STOPPED_REASON: Final = "not sent: the run was stopped before this event was delivered"
+
+# Messages between two progress updates: often enough for the eye, rare enough to cost nothing.
+_PROGRESS_EVERY: Final = 5000
 
 # Below this much input (a couple of read blocks) worker processes cost more than they save.
 _POOL_MIN_BYTES: Final = 2 << 20
@@ -178,6 +182,7 @@ def _send(
             max_connections=concurrency,
         ) as client,
         logs.run_log(run_id, "dead-letter") as dead_letters,
+        ProgressReporter("forwarding events", None) as progress,
     ):
         sender = _Sender(
             client,
@@ -189,13 +194,24 @@ def _send(
         )
         if workers is None:
             return _forward(
-                mapped_events(read_units(paths)), sender, dead_letters, run_id, stop=stop
+                mapped_events(read_units(paths)),
+                sender,
+                dead_letters,
+                run_id,
+                stop=stop,
+                progress=progress,
             )
         stopping = stop.is_set if stop is not None else None
         items = workers.forward(read_units(paths), stop=stopping)
         # The workers honour the stop themselves: every block they were given is accounted for.
         return _forward(
-            items, sender, dead_letters, run_id, stop=None, stopped=lambda: workers.stopped_early
+            items,
+            sender,
+            dead_letters,
+            run_id,
+            stop=None,
+            stopped=lambda: workers.stopped_early,
+            progress=progress,
         )
 
 
@@ -251,10 +267,35 @@ class _Tally:
     failed: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
 
-    def add_sent(self, sent: SentMeters) -> None:
-        """Count a block's meter records sent by a worker; its failures are settled apart."""
-        self.read += sent.records
-        self.sent += sent.records - len(sent.failures)
+
+class _Ledger:
+    """Where every message ends: counted, and dead-lettered with its reason when it must be."""
+
+    def __init__(self, dead_letters: _DeadLetters, *, dry_run: bool) -> None:
+        self.tally = _Tally()
+        self._dead_letters = dead_letters
+        # A dry run writes no dead-letter file, so its log line must not claim one.
+        self._log_event = "event_rejected" if dry_run else "event_dead_lettered"
+
+    def dead_letter(self, event: RawEvent, reason: str) -> None:
+        log.warning(self._log_event, source=event.source, line=event.line, reason=reason)
+        self._dead_letters.write(
+            {"source": event.source, "line": event.line, "reason": reason, "raw": event.raw}
+        )
+
+    def delivered(self, event: RawEvent) -> None:
+        self.tally.sent += 1
+
+    def failed(self, event: RawEvent, reason: str) -> None:
+        self.tally.failed += 1
+        self.dead_letter(event, reason)
+
+    def sent_by_worker(self, sent: SentMeters) -> None:
+        """A block's meter records, sent by a worker: counted, the failed ones dead-lettered."""
+        self.tally.read += sent.records
+        self.tally.sent += sent.records - len(sent.failures)
+        for event, outcome in sent.failures:
+            _settle(event, outcome, self.delivered, self.failed)
 
 
 # Identify calls of one window by customer id: the folded record and the events it came from.
@@ -294,29 +335,14 @@ def _forward(
     stop: threading.Event | None,
     dry_run: bool = False,
     stopped: Callable[[], bool] | None = None,
+    progress: ProgressReporter | None = None,
 ) -> EventsRunResult:
     """Route every item of ``events`` and account for it. ``stop`` is checked after each item;
     ``stopped`` says, at the end, whether ``events`` stopped before its end by itself."""
-    tally = _Tally()
-
-    def dead_letter(event: RawEvent, reason: str) -> None:
-        log.warning(
-            # A dry run writes no dead-letter file, so its log line must not claim one.
-            "event_rejected" if dry_run else "event_dead_lettered",
-            source=event.source,
-            line=event.line,
-            reason=reason,
-        )
-        dead_letters.write(
-            {"source": event.source, "line": event.line, "reason": reason, "raw": event.raw}
-        )
-
-    def delivered(event: RawEvent) -> None:
-        tally.sent += 1
-
-    def failed(event: RawEvent, reason: str) -> None:
-        tally.failed += 1
-        dead_letter(event, reason)
+    ledger = _Ledger(dead_letters, dry_run=dry_run)
+    tally, delivered, failed = ledger.tally, ledger.delivered, ledger.failed
+    if progress is not None:
+        events = _shown(events, progress, tally, dead_letters)
 
     customers: _CustomerWindow = {}
     source_error: SourceError | None = None
@@ -329,15 +355,14 @@ def _forward(
         try:
             for item in events:
                 if isinstance(item, SentMeters):  # a block's records, sent by a worker
-                    tally.add_sent(item)
-                    _settle_all(item.failures, delivered, failed)
+                    ledger.sent_by_worker(item)
                     continue
                 event, mapped = item
                 tally.read += 1
                 if isinstance(mapped, MeterEvent):
                     yield event, mapped
                 elif isinstance(mapped, Rejected):
-                    dead_letter(event, mapped.reason)
+                    ledger.dead_letter(event, mapped.reason)
                 elif isinstance(mapped, Skipped):
                     tally.skipped[mapped.reason] += 1
                 else:
@@ -364,6 +389,19 @@ def _forward(
 
     interrupted = not finished or (stopped is not None and stopped())
     return _result(run_id, tally, dead_letters, interrupted=interrupted, dry_run=dry_run)
+
+
+def _shown(
+    items: Iterator[WorkerItem], progress: ProgressReporter, tally: _Tally, dead: _DeadLetters
+) -> Iterator[WorkerItem]:
+    """``items`` as they are, the counts shown every few thousand messages (a bar or a log)."""
+    shown = 0
+    for item in items:
+        yield item
+        if tally.read - shown >= _PROGRESS_EVERY:
+            shown = tally.read
+            progress.update(tally.read, dead.count)
+    progress.update(tally.read, dead.count)
 
 
 def _result(
@@ -492,15 +530,6 @@ class _Sender:
         for _, events in unsettled.values():
             for event in events:
                 failed(event, STOPPED_REASON)
-
-
-def _settle_all(
-    settled: Sequence[tuple[RawEvent, Outcome]],
-    delivered: Callable[[RawEvent], None],
-    failed: Callable[[RawEvent, str], None],
-) -> None:
-    for event, outcome in settled:
-        _settle(event, outcome, delivered, failed)
 
 
 def _settle(

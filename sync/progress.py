@@ -86,6 +86,14 @@ class ProgressReporter:
         elif time.monotonic() - self._last_log >= self._log_every:
             self._log()
 
+    def update(self, done: int, failed: int) -> None:
+        """Set the counts at once (for work counted elsewhere, in bulk)."""
+        self.done, self.failed = done, failed
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, completed=done, failed=failed)
+        elif time.monotonic() - self._last_log >= self._log_every:
+            self._log()
+
     def _log(self) -> None:
         self._last_log = time.monotonic()
         elapsed = self._last_log - self._started

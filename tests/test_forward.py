@@ -397,6 +397,29 @@ def test_one_summary_line_is_logged_with_the_counts(
     }
 
 
+def test_progress_is_logged_off_a_terminal_with_the_counts(
+    emulator: EmulatorHandle, tmp_path: Path
+) -> None:
+    """Off a terminal an events run reports its progress as log lines; the last one carries
+    the final counts (messages done, dead-lettered)."""
+    path = ndjson(tmp_path / "in.ndjson", *(track(n) for n in range(12)), "not json")
+    with capture_logs() as logs:
+        forward_events(
+            settings_for(emulator, tmp_path / "state"),
+            [path],
+            dry_run=False,
+            run_id=RUN_ID,
+            out=None,
+        )
+    progress = [entry for entry in logs if entry["event"] == "progress"]
+    assert progress
+    assert {key: progress[-1][key] for key in ("operation", "done", "failed")} == {
+        "operation": "forwarding events",
+        "done": 13,
+        "failed": 1,
+    }
+
+
 def test_identify_calls_beyond_a_window_are_applied_in_order(
     emulator: EmulatorHandle, tmp_path: Path
 ) -> None:
