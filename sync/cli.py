@@ -132,16 +132,27 @@ def events(paths: tuple[str, ...], config_file: Path | None, dry_run: bool) -> N
     """Forward Segment events (page, screen, track, identify) from files, folders or '-'."""
     from sync.forward import forward_events
     from sync.runid import new_run_id
+    from sync.signals import graceful_stop
 
     settings = _settings(config_file, require_api_key=not dry_run)
-    result = forward_events(
-        settings, list(paths) or ["-"], dry_run=dry_run, run_id=new_run_id(), out=sys.stdout
-    )
+    # SIGTERM/SIGINT: read no further, finish what is in flight, dead-letter the rest of the
+    # identify window as not sent, record the run as interrupted (exit 3); a second signal
+    # exits at once.
+    with graceful_stop() as stop:
+        result = forward_events(
+            settings,
+            list(paths) or ["-"],
+            dry_run=dry_run,
+            run_id=new_run_id(),
+            out=sys.stdout,
+            stop=stop,
+        )
     if not dry_run:
         # The dry run prints its counts as a JSON line; a real run says what happened in words.
         skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(result.skipped.items()))
         click.echo(
-            f"events run {result.run_id}: read {result.read}, sent {result.sent}, "
+            f"events run {result.run_id}{' (interrupted)' if result.interrupted else ''}: "
+            f"read {result.read}, sent {result.sent}, "
             f"skipped {result.skipped_total}{f' ({skipped})' if skipped else ''}, "
             f"dead-lettered {result.dead_lettered}"
         )

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -236,3 +237,44 @@ def test_a_rejected_api_key_in_a_worker_fails_the_run_with_exit_1(tmp_path: Path
     assert '"event": "event_workers_started"' in done.stderr
     assert "403" in done.stderr
     assert "test-key" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ctrl_c_stops_an_events_run_with_everything_accounted_for(
+    tmp_path: Path, workers: int
+) -> None:
+    """SIGINT stops ``amberflo-sync events`` gracefully, with or without workers: what was
+    given out is finished, nothing further is read, and the run ends with exit 3, recorded as
+    interrupted, every message read sent, skipped or dead-lettered."""
+    source = write_mixed(tmp_path / "in.ndjson", 40_000)
+    with running_emulator(EmulatorOptions(port=0, latency_ms=20)) as emulator:
+        folder = tmp_path / f"workers-{workers}"
+        folder.mkdir()
+        config = folder / "sync.toml"
+        config.write_text(f'[state]\ndir = "state"\n[events]\nworkers = {workers}\n', "utf-8")
+        env = {
+            **os.environ,
+            "AMBERFLO_API_KEY": "test-key",
+            "AMBERFLO_BASE_URL": emulator.url,
+            "AMBERFLO_SYNC_CONFIG": str(config),
+        }
+        with subprocess.Popen(
+            [sys.executable, "-m", "sync", "--log-format", "json", "events", str(source)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        ) as run:
+            while emulator.stats()["records_received"] == 0 and run.poll() is None:
+                threading.Event().wait(0.05)
+            run.send_signal(signal.SIGINT)
+            out, _ = run.communicate(timeout=120)
+    assert run.returncode == 3, out
+    assert "(interrupted)" in out
+    runs = (folder / "state" / "runs.jsonl").read_text("utf-8").splitlines()
+    (entry,) = [json.loads(line) for line in runs]
+    counts = entry["counts"]
+    assert entry["interrupted"] is True
+    assert counts["read"] == counts["sent"] + counts["skipped"] + counts["dead_lettered"]
+    assert 0 < counts["read"] < 40_000
