@@ -534,7 +534,11 @@ def adopt_state(settings: Settings, *, yes: bool, verify: int, console: Console)
             return EXIT_USAGE
         adopted = result.desired.index
         new_state = apply_acknowledged(known, result, adopted)
-        store.commit(_stored(new_state, run_id), run_id, delivered=adopted)
+        users = new_state.users.index
+        # Every adopted user is in the new state; as many as it has rows means they are all
+        # of them, and the state's own sorted ids let the commit see that without a lookup.
+        delivered = users if len(users) == len(adopted) else adopted
+        store.commit(_stored(new_state, run_id), run_id, delivered=delivered)
         store.record_run(
             {
                 "run_id": run_id,
