@@ -83,6 +83,7 @@ __all__ = [
     "acknowledged_rows",
     "apply_acknowledged",
     "diff",
+    "initial_state",
     "record_fingerprints",
 ]
 
@@ -753,6 +754,45 @@ def apply_acknowledged(state: KnownState, result: Diff, acked_ids: Iterable[str]
         return KnownState(users=users, audience_keys=audience_keys, trait_keys=trait_keys)
     users = _concat_take(base, rows, order, hashes)
     return KnownState(users=users, audience_keys=audience_keys, trait_keys=trait_keys)
+
+
+def initial_state(snapshot: Snapshot) -> KnownState:
+    """The state once Amberflo acknowledged every user an initial sync of ``snapshot`` sends.
+
+    Exactly what :func:`apply_acknowledged` makes of ``diff(snapshot, KnownState.empty())``
+    with every user acknowledged, built straight from the snapshot in id order: each user
+    holding a value (an audience membership or a trait), members ``"true"`` and no
+    ``"false"``, traits as wire text, the snapshot's name, email and fingerprints. Over an
+    empty state there is nothing to compare and nothing to merge into, so this skips building
+    the desired records in snapshot order only to sort them again.
+    """
+    base = snapshot.base
+    members = {key: _audience(base, key)[0] for key in snapshot.audience_keys}
+    held = np.zeros(len(base), dtype=bool)
+    for flags in members.values():
+        held |= flags
+    for key in snapshot.trait_keys:
+        held |= snapshot.traits[key].present
+    ids = _ids(base)
+    rows = np.flatnonzero(held)
+    rows = rows[sort_order(ids.take(pa.array(rows)))]
+    data: dict[str, object] = {}
+    for column in ("name", "email"):
+        data[column] = _text_array(_text(base, column, rows))
+    for key, flags in members.items():
+        codes = np.where(flags[rows], _TRUE, _ABSENT).astype(np.int8)
+        data[key] = pd.Categorical.from_codes(codes, dtype=AUDIENCE_DTYPE)
+    for key in snapshot.trait_keys:
+        data[key] = _text_array(snapshot.traits[key].text(rows))
+    data[HASH] = base[HASH].to_numpy(dtype=np.uint64)[rows]
+    id_hash, id_check = _id_fingerprints(base)
+    data[ID_HASH], data[ID_CHECK] = id_hash[rows], id_check[rows]
+    index = pd.Index(_text_array(ids.take(pa.array(rows))), name=INDEX_NAME)
+    return KnownState(
+        users=pd.DataFrame(data, index=index),
+        audience_keys=snapshot.audience_keys,
+        trait_keys=snapshot.trait_keys,
+    )
 
 
 def _stored_form(

@@ -1,5 +1,7 @@
-"""``apply_acknowledged`` on a state as the store loads it (the fast path, which reuses the
-stored columns) gives exactly what it gives on the same state handed over in plain form."""
+"""The state after delivery, by its fast paths: ``apply_acknowledged`` on a state as the store
+loads it (reusing the stored columns) gives what it gives on the same state in plain form, and
+``initial_state`` (what ``state adopt`` records over an empty state) gives what diffing against
+the empty state and folding every user in gives."""
 
 from __future__ import annotations
 
@@ -8,13 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from sync.diff import HASH, KnownState, Snapshot, apply_acknowledged, diff
+from sync.config import SourceSettings
+from sync.diff import HASH, KnownState, Snapshot, apply_acknowledged, diff, initial_state
+from sync.snapshot import read_snapshot
 from sync.state import StateStore, StoredState
 
 AUDIENCES = ("vip", "cart")
 TRAITS = ("plan",)
 RUN = "20250101T000000Z-aaaaaa"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "engage"
 Row = Mapping[str, str | None]
 
 
@@ -100,3 +106,51 @@ def test_refreshed_fingerprints_leave_the_callers_state_untouched(tmp_path: Path
 
     pd.testing.assert_frame_equal(stale, before)
     pd.testing.assert_frame_equal(after.users, state.users)
+
+
+def random_snapshot(seed: int, size: int) -> Snapshot:
+    """``size`` users in random order with random memberships, traits, names and emails; a
+    fifth hold no value at all (an initial sync never sends them)."""
+    rng = np.random.default_rng(seed)
+    rows: dict[str, Row] = {}
+    for n in rng.permutation(size):
+        holds = n % 5 != 0
+        rows[f"{['usr_', '', 'c-'][n % 3]}{n * 7919 % 100003}"] = {
+            "name": f"User {n}" if rng.random() < 0.7 else None,
+            "email": f"u{n}@x.io" if rng.random() < 0.5 else None,
+            "vip": "true" if holds and rng.random() < 0.4 else None,
+            "cart": "true" if holds and rng.random() < 0.3 else ("false" if n % 7 == 0 else None),
+            "plan": str(rng.choice(["free", "pro", "team"])) if holds and n % 2 else None,
+        }
+    return snapshot(rows)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_initial_state_is_the_state_an_initial_sync_leaves(seed: int) -> None:
+    """Built straight from a snapshot, the state equals the diff-then-fold of an initial sync."""
+    snap = random_snapshot(seed, 400)
+    result = diff(snap, KnownState.empty())
+
+    direct = initial_state(snap)
+    folded = apply_acknowledged(KnownState.empty(), result, result.desired.index)
+
+    pd.testing.assert_frame_equal(direct.users, folded.users)
+    assert (direct.audience_keys, direct.trait_keys) == (folded.audience_keys, folded.trait_keys)
+    assert len(direct.users) == result.summary.added
+    assert diff(snap, direct).summary.to_send == 0
+
+
+def test_initial_state_of_a_read_snapshot_keeps_typed_traits_and_leaves_invalid_rows_out() -> None:
+    """From a real file with invalid rows and number traits: the same state as the slow path."""
+    source = SourceSettings(
+        path=str(EXAMPLES / "snapshot-1.csv"), name_column="name", email_column="email"
+    )
+    snap = read_snapshot(source, {})
+    assert snap.invalid_counts
+    result = diff(snap, KnownState.empty())
+
+    direct = initial_state(snap)
+
+    folded = apply_acknowledged(KnownState.empty(), result, result.desired.index)
+    pd.testing.assert_frame_equal(direct.users, folded.users)
+    assert list(direct.users.index) == sorted(direct.users.index)
