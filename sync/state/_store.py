@@ -664,7 +664,7 @@ def _parquet_writer(table: pa.Table) -> Callable[[HashingWriter], None]:
             encoded,
             out,
             # Chosen per column for the write's CPU time, which every commit pays (a million
-            # users: about half of what zstd everywhere cost, for a file a third larger).
+            # users: about half of what zstd everywhere cost, for a file 30% larger).
             compression=_codecs(encoded.schema),
             # Dictionary pages pay only for the small integer codes of categoricals, which
             # they shrink to almost nothing; on ids, text and hashes the writer builds a
