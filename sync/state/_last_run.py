@@ -48,15 +48,6 @@ class RunSource:
         """Every id in ``ids`` delivered by ``run_id``."""
         return cls(ids=ids, codes=np.zeros(len(ids), dtype=np.int32), names=(run_id,))
 
-    @classmethod
-    def of_column(cls, ids: pa.Array, runs: pa.Array) -> RunSource:
-        """Ids with a stored ``_last_run`` column (a dictionary array, nulls = unknown)."""
-        if not pa.types.is_dictionary(runs.type):
-            runs = runs.dictionary_encode()
-        codes = pc.fill_null(runs.indices.cast(pa.int32()), -1).to_numpy(zero_copy_only=False)
-        names = tuple(str(name) for name in runs.dictionary.to_pylist())
-        return cls(ids=ids, codes=np.asarray(codes, dtype=np.int32), names=names)
-
 
 @dataclass(frozen=True, slots=True)
 class PreviousRuns:
@@ -75,9 +66,12 @@ class PreviousRuns:
         fingerprints: tuple[np.ndarray, np.ndarray] | None,
         read_ids: Callable[[], pa.Array],
     ) -> PreviousRuns:
-        """From a stored ``_last_run`` column (see :meth:`RunSource.of_column`)."""
-        source = RunSource.of_column(pa.nulls(0, pa.string()), runs)
-        return cls(source.codes, source.names, fingerprints, read_ids)
+        """From a stored ``_last_run`` column (a dictionary array, nulls = unknown)."""
+        if not pa.types.is_dictionary(runs.type):
+            runs = runs.dictionary_encode()
+        codes = pc.fill_null(runs.indices.cast(pa.int32()), -1).to_numpy(zero_copy_only=False)
+        names = tuple(str(name) for name in runs.dictionary.to_pylist())
+        return cls(np.asarray(codes, dtype=np.int32), names, fingerprints, read_ids)
 
     def positions(self, table: pa.Table, ids: pa.Array) -> np.ndarray:
         """Per row of ``table`` (whose ids are ``ids``): its row in the previous commit, or -1."""
