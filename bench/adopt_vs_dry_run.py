@@ -1,11 +1,13 @@
 """``state adopt`` against ``run --dry-run`` on the same 1M-user snapshot, as real subprocesses.
 
-Adopt does what a dry run does (load the state, read the snapshot, diff it) and then commits
-every user as acknowledged; it builds no customer records and sends nothing. So it should take
-about as long as the dry run plus one commit. Two situations:
+Adopt reads what a dry run reads and sends nothing; instead of a report it writes the new
+state. Two situations:
 
-- *first*: snapshot A over an empty state (adopting an account an earlier tool kept in sync);
+- *first*: snapshot A over an empty state (adopting an account an earlier tool kept in sync).
+  Adopt builds the state straight from the snapshot (no diff), then commits it.
 - *over state*: snapshot B over the committed state of A (adopting again after a change).
+  Adopt loads the state and diffs as a dry run does, folds the changed users in, and commits
+  the whole table: a million rows written, where the dry run writes nothing.
 
 Snapshots come from ``_data.py`` (the scale benchmark's realistic wide Parquet files, written
 under ``bench/data/<users>/`` if missing). Each command runs ``--repeat`` times, alternating, in

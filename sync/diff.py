@@ -65,6 +65,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sync.fingerprint import UNKNOWN, RecordFingerprint, id_fingerprints
+from sync.idorder import sort_order
 from sync.model import ChangeKind, DiffSummary, KeyStats, UserChange
 
 __all__ = [
@@ -82,6 +83,7 @@ __all__ = [
     "acknowledged_rows",
     "apply_acknowledged",
     "diff",
+    "initial_state",
     "record_fingerprints",
 ]
 
@@ -725,31 +727,132 @@ def apply_acknowledged(state: KnownState, result: Diff, acked_ids: Iterable[str]
     manages are dropped from the state.
     """
     audience_keys, trait_keys = result.audience_keys, result.trait_keys
-    base = _canonical(state.users, audience_keys, trait_keys)
-    if len(result.refreshed) and len(base):
+    base = _stored_form(state.users, audience_keys, trait_keys)
+    hashes = np.asarray(base[HASH].to_numpy(dtype=np.uint64), dtype=np.uint64)
+    refreshed = bool(len(result.refreshed) and len(base))
+    if refreshed:
         where = _match(result.refreshed, base)
         found = where >= 0
-        hashes = base[HASH].to_numpy(dtype=np.uint64).copy()
+        hashes = hashes.copy()
         hashes[where[found]] = result.refreshed[HASH].to_numpy(dtype=np.uint64)[found]
-        base[HASH] = hashes
-    rows = acknowledged_rows(result, acked_ids)
-    if len(rows) == 0:
-        return KnownState(users=base, audience_keys=audience_keys, trait_keys=trait_keys)
-    rows = rows[list(base.columns)]
+    rows = acknowledged_rows(result, acked_ids)[list(base.columns)]
     where = _match(rows, base)
     existing = where >= 0
-    combined = pd.concat([base, rows])
-    if existing.all():
-        # Replacing rows in place keeps the order: no sort needed.
-        order = np.arange(len(base))
-        order[where] = len(base) + np.arange(len(rows))
-        users = combined.iloc[order]
-    else:
-        keep = np.ones(len(combined), dtype=bool)
-        keep[where[existing]] = False
-        users = combined[keep]
-        users = users.iloc[np.asarray(pc.sort_indices(_ids(users)), dtype=np.intp)]
+    # One row order over [stored rows, acknowledged rows], then one take per column: every
+    # stored row stays in place unless its acknowledged row replaces it, and new users are
+    # sorted in among them (a stored state is sorted by id already).
+    order = np.arange(len(base), dtype=np.intp)
+    order[where[existing]] = len(base) + np.flatnonzero(existing)
+    new = np.flatnonzero(~existing)
+    if len(new):
+        order = np.concatenate([order, len(base) + new])
+        ids = pa.concat_arrays([_ids(base), _ids(rows).take(pa.array(new))])
+        order = order[sort_order(ids)]
+    elif not existing.any():
+        # Nothing acknowledged: the stored rows, with any refreshed fingerprints.
+        users = base.assign(**{HASH: hashes}) if refreshed else base
+        return KnownState(users=users, audience_keys=audience_keys, trait_keys=trait_keys)
+    users = _concat_take(base, rows, order, hashes)
     return KnownState(users=users, audience_keys=audience_keys, trait_keys=trait_keys)
+
+
+def initial_state(snapshot: Snapshot) -> KnownState:
+    """The state once Amberflo acknowledged every user an initial sync of ``snapshot`` sends.
+
+    Exactly what :func:`apply_acknowledged` makes of ``diff(snapshot, KnownState.empty())``
+    with every user acknowledged, built straight from the snapshot in id order: each user
+    holding a value (an audience membership or a trait), members ``"true"`` and no
+    ``"false"``, traits as wire text, the snapshot's name, email and fingerprints. Over an
+    empty state there is nothing to compare and nothing to merge into, so this skips building
+    the desired records in snapshot order only to sort them again.
+    """
+    base = snapshot.base
+    members = {key: _audience(base, key)[0] for key in snapshot.audience_keys}
+    held = np.zeros(len(base), dtype=bool)
+    for flags in members.values():
+        held |= flags
+    for key in snapshot.trait_keys:
+        held |= snapshot.traits[key].present
+    ids = _ids(base)
+    rows = np.flatnonzero(held)
+    rows = rows[sort_order(ids.take(pa.array(rows)))]
+    data: dict[str, object] = {}
+    for column in ("name", "email"):
+        data[column] = _text_array(_text(base, column, rows))
+    for key, flags in members.items():
+        codes = np.where(flags[rows], _TRUE, _ABSENT).astype(np.int8)
+        data[key] = pd.Categorical.from_codes(codes, dtype=AUDIENCE_DTYPE)
+    for key in snapshot.trait_keys:
+        data[key] = _text_array(snapshot.traits[key].text(rows))
+    data[HASH] = base[HASH].to_numpy(dtype=np.uint64)[rows]
+    id_hash, id_check = _id_fingerprints(base)
+    data[ID_HASH], data[ID_CHECK] = id_hash[rows], id_check[rows]
+    index = pd.Index(_text_array(ids.take(pa.array(rows))), name=INDEX_NAME)
+    return KnownState(
+        users=pd.DataFrame(data, index=index),
+        audience_keys=snapshot.audience_keys,
+        trait_keys=snapshot.trait_keys,
+    )
+
+
+def _stored_form(
+    users: pd.DataFrame, audience_keys: Sequence[str], trait_keys: Sequence[str]
+) -> pd.DataFrame:
+    """``users`` in canonical form (see :func:`_canonical`), as it is when it already is.
+
+    A state as loaded is canonical for the keys it was committed with; re-encoding a million
+    rows only to get the same frame back was most of the cost of folding a run into it.
+    """
+    columns = ["name", "email", *audience_keys, *trait_keys, *FINGERPRINTS]
+    canonical = (
+        list(users.columns) == columns
+        and users.index.dtype == TEXT_DTYPE
+        and users.index.name == INDEX_NAME
+        and all(users[column].dtype == TEXT_DTYPE for column in ("name", "email", *trait_keys))
+        and all(users[key].dtype == AUDIENCE_DTYPE for key in audience_keys)
+        and all(users[column].dtype == np.uint64 for column in FINGERPRINTS)
+    )
+    if not canonical:
+        return _canonical(users, audience_keys, trait_keys)
+    unknown = (users[ID_HASH].to_numpy() == 0) & (users[ID_CHECK].to_numpy() == 0)
+    if unknown.any():
+        return _canonical(users, audience_keys, trait_keys)
+    return users
+
+
+def _concat_take(
+    first: pd.DataFrame, second: pd.DataFrame, order: Ints, hashes: U64
+) -> pd.DataFrame:
+    """Rows ``order`` of ``first`` then ``second`` (both in canonical form, same columns),
+    with ``hashes`` as ``first``'s ``_hash``: each column copied once, in Arrow or numpy."""
+    indices = pa.array(order)
+    data: dict[str, object] = {}
+    for column in first.columns:
+        head, tail = first[column], second[column]
+        if column == HASH:
+            values: object = np.concatenate([hashes, tail.to_numpy(dtype=np.uint64)])[order]
+        elif isinstance(head.dtype, pd.CategoricalDtype):
+            codes = np.concatenate([head.cat.codes.to_numpy(), tail.cat.codes.to_numpy()])
+            values = pd.Categorical.from_codes(codes[order], dtype=head.dtype)
+        elif isinstance(head.dtype, np.dtype):
+            values = np.concatenate([head.to_numpy(), tail.to_numpy()])[order]
+        else:
+            values = _text_array(_chunks(head.array, tail.array).take(indices))
+        data[column] = values
+    ids = _chunks(first.index.array, second.index.array).take(indices)
+    return pd.DataFrame(data, index=pd.Index(_text_array(ids), name=INDEX_NAME))
+
+
+def _chunks(*arrays: object) -> pa.ChunkedArray:
+    """Arrow-backed string arrays as one chunked array of the first one's string type."""
+    parts = [pa.array(array, from_pandas=True) for array in arrays]
+    kind = parts[0].type
+    chunks = [
+        chunk.cast(kind)
+        for part in parts
+        for chunk in (part.chunks if isinstance(part, pa.ChunkedArray) else [part])
+    ]
+    return pa.chunked_array(chunks, type=kind)
 
 
 def _canonical(

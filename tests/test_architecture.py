@@ -28,7 +28,8 @@ ALLOWED: dict[str, set[str]] = {
     # pure core
     "sync.keys": set(),
     "sync.fingerprint": set(),
-    "sync.diff": BASE | {"sync.fingerprint"},
+    "sync.idorder": set(),
+    "sync.diff": BASE | {"sync.fingerprint", "sync.idorder"},
     "sync.plan": BASE | {"sync.diff"},
     "sync.report": BASE,
     "sync.events": BASE | {"sync.keys"},

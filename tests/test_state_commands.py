@@ -169,6 +169,39 @@ def test_adopt_then_run_sends_nothing_and_a_changed_snapshot_sends_exactly_the_c
     assert record["last_run"] == run["run_id"]
 
 
+def snake(name: str) -> str:
+    """The key of one of the bundled snapshots' audience or trait names."""
+    return name.lower().replace(" ", "_")
+
+
+def test_adopt_over_an_empty_state_records_exactly_the_snapshots_rows(job: Job) -> None:
+    """Every valid user holding a value is recorded with the snapshot's values, name and
+    email and the adopt as its last run; users without a value and invalid rows are not."""
+    job.use("snapshot-1.csv")
+
+    assert adopt_state(job.settings(), yes=True, verify=0, console=console()) == 0
+
+    adopt_id = job.runs()[-1]["run_id"]
+    store = StateStore(job.state)
+    rows = valid_rows(EXAMPLES / "snapshot-1.csv")
+    holders = {user for user, row in rows.items() if holds_value(row)}
+    assert store.info().users == len(holders) == job.runs()[-1]["counts"]["adopted"]
+    for user, row in rows.items():
+        shown = store.show(user)
+        if user not in holders:
+            assert shown is None
+            continue
+        assert shown is not None
+        expected = {snake(a): "true" for a in AUDIENCES if row[a] == "true"}
+        expected |= {t: row[t] for t in TRAITS if row[t]}
+        assert (shown["keys"], shown["name"], shown["email"]) == (
+            expected,
+            row["name"] or None,
+            row["email"] or None,
+        )
+        assert shown["last_run"] == adopt_id
+
+
 def test_adopt_without_a_terminal_or_yes_refuses_and_records_nothing(job: Job) -> None:
     """No --yes and no terminal to ask on: exit 2 with a message naming --yes; no state."""
     job.use("snapshot-1.csv")

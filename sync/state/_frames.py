@@ -147,6 +147,11 @@ def decode_categories(table: pa.Table) -> pa.Table:
     )
 
 
+def coded_columns(schema: pa.Schema) -> list[str]:
+    """The columns of a table made by :func:`encode_categories` that hold categorical codes."""
+    return list(_coded_columns(schema))
+
+
 def _coded_columns(schema: pa.Schema) -> dict[str, Any]:
     """The columns of ``schema`` that hold categorical codes, with their categories."""
     raw = (schema.metadata or {}).get(_CATEGORIES_META)
