@@ -62,6 +62,8 @@ USER_AGENT = f"amberflo-sync/{__version__}"
 _MAX_MESSAGE_CHARS = 500
 _INGESTED = re.compile(r"^\s*(\d+)\s+records?\s+were\s+ingested\b", re.IGNORECASE)
 _REDACTED = "[redacted]"
+# Where orjson and json may read a number differently (see _Answer.json).
+_LONG_DIGITS = re.compile(rb"\d{19}")
 
 
 # One encoder for every call: json.dumps builds a new one whenever its options differ from the
@@ -425,14 +427,17 @@ class _Answer:
     def json(self) -> Any:
         """The body as JSON; ``ValueError`` when it is not JSON.
 
-        orjson reads a customer about four times faster than ``json``; what it refuses
-        (``NaN``, integers beyond 64 bits, lone surrogates) is read by ``json`` instead, so
-        the result is always the standard library's.
+        orjson reads a customer about four times faster than ``json``. What it refuses
+        (``NaN``, lone surrogates) is read by ``json`` instead, and so is a body with a run of
+        19 or more digits, because orjson turns integers beyond 64 bits into floats: the
+        result is always the standard library's.
         """
-        try:
-            return orjson.loads(self.content)
-        except orjson.JSONDecodeError:
-            return json.loads(self.content)
+        if _LONG_DIGITS.search(self.content) is None:
+            try:
+                return orjson.loads(self.content)
+            except orjson.JSONDecodeError:
+                pass
+        return json.loads(self.content)
 
 
 # -- the direct path --------------------------------------------------------------------------

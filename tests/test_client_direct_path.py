@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from sync.amberflo import AmberfloClient
+from sync.emulator import EmulatorHandle
 from sync.errors import RetriableError
 
 API_KEY = "test-key-0123456789abcdef"
@@ -223,3 +224,21 @@ def test_the_direct_path_refuses_requests_once_closed() -> None:
     client.close()
     with pytest.raises(RuntimeError):
         client.get_customer("u1")
+
+
+@pytest.mark.usefixtures("no_proxy_env")
+def test_json_that_orjson_would_alter_survives_a_round_trip(emulator: EmulatorHandle) -> None:
+    """A customer field holding an integer beyond 64 bits or a lone surrogate comes back
+    from the emulator exactly as stored (both sides fall back to the json module)."""
+    body = (
+        b'{"customerId":"big","customerName":"Big","description":"\\ud800 lone",'
+        b'"test":123456789012345678901234567890}'
+    )
+    # Sent as raw bytes: this client serializes only valid Unicode.
+    answer = httpx.post(f"{emulator.url}/customers", content=body, headers={"x-api-key": API_KEY})
+    answer.raise_for_status()
+    with AmberfloClient(api_key=API_KEY, base_url=emulator.url, timeout=5.0) as client:
+        found = client.get_customer("big")
+    assert found is not None
+    assert found["test"] == 123456789012345678901234567890
+    assert found["description"] == "\ud800 lone"

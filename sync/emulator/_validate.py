@@ -14,11 +14,16 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 MAX_BODY_BYTES = 10 * 1024 * 1024
 """API Gateway's payload ceiling, applied to the body on the wire and after gunzip."""
 
 DIMENSION_PATTERN = re.compile(r"[-_ !.*'()&$@=;:+,?0-9A-Za-z]{1,200}")
 """The spec's reconstruction of Amberflo's dimension regex, for keys and values alike."""
+
+# Where orjson and json may read a number differently (see parse_json).
+_LONG_DIGITS = re.compile(rb"\d{19}")
 
 SERVER_OWNED_CUSTOMER_FIELDS = frozenset({"id", "createTime", "updateTime"})
 
@@ -67,7 +72,18 @@ def decode_body(body: bytes, content_encoding: str | None) -> bytes:
 
 
 def parse_json(body: bytes) -> Any:
-    """One JSON document, as Jackson would read it (no NaN or Infinity)."""
+    """One JSON document, as Jackson would read it (no NaN or Infinity).
+
+    orjson reads a customer about four times faster. A document it refuses is read again by
+    ``json``, so what is accepted, and the error message of what is not, stay ``json``'s; so
+    is one with a run of 19 or more digits, because orjson turns integers beyond 64 bits into
+    floats.
+    """
+    if _LONG_DIGITS.search(body) is None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
     try:
         # UnicodeDecodeError is a ValueError too: not UTF-8 is reported as invalid JSON.
         return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
