@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import gzip
 import socket
+import ssl
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +18,8 @@ from sync.emulator import EmulatorHandle
 from sync.errors import RetriableError
 
 API_KEY = "test-key-0123456789abcdef"
+# A self-signed certificate for localhost and 127.0.0.1, valid 2000-2100, made for these tests.
+TLS_FILES = Path(__file__).resolve().parent / "tls"
 
 
 class ScriptedServer:
@@ -23,8 +27,15 @@ class ScriptedServer:
     bytes, sent as they are) and closes the connection after answers listed in ``close_after``.
     Keeps every request it read (head and body, raw) and counts connections."""
 
-    def __init__(self, answers: list[bytes], *, close_after: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self,
+        answers: list[bytes],
+        *,
+        close_after: frozenset[int] = frozenset(),
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.answers = answers
+        self.tls = tls
         self.close_after = close_after
         self.requests: list[bytes] = []
         self.connections = 0
@@ -41,9 +52,18 @@ class ScriptedServer:
             except OSError:
                 return
             self.connections += 1
+            if self.tls is not None:
+                try:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                except ssl.SSLError:  # the client refused the handshake
+                    conn.close()
+                    continue
             self._open.append(conn)
-            while self._answer_one(conn):
-                pass
+            try:
+                while self._answer_one(conn):
+                    pass
+            except OSError:  # close() closed the connection under a waiting recv
+                return
 
     def _answer_one(self, conn: socket.socket) -> bool:
         data = b""
@@ -242,3 +262,43 @@ def test_json_that_orjson_would_alter_survives_a_round_trip(emulator: EmulatorHa
     assert found is not None
     assert found["test"] == 123456789012345678901234567890
     assert found["description"] == "\ud800 lone"
+
+
+def test_https_goes_through_tls_with_the_trusted_certificates(
+    no_proxy_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over https the direct path verifies the server's certificate (trusting SSL_CERT_FILE,
+    as httpx does), sends the server's name, and keeps the TLS connection alive."""
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(TLS_FILES / "cert.pem", TLS_FILES / "key.pem")
+    monkeypatch.setenv("SSL_CERT_FILE", str(TLS_FILES / "cert.pem"))
+    server = ScriptedServer([OK_EMPTY, OK_EMPTY], tls=server_tls)
+    url = server.url.replace("http://127.0.0.1", "https://localhost")
+    try:
+        with AmberfloClient(api_key=API_KEY, base_url=url, timeout=5.0) as client:
+            assert client.get_customer("u1") is None
+            assert client.get_customer("u2") is None
+    finally:
+        server.close()
+    assert server.connections == 1
+    _, headers, _ = head_of(server.requests[1])
+    assert headers["host"] == url.removeprefix("https://")
+
+
+def test_a_certificate_nobody_trusts_is_refused(no_proxy_env: None) -> None:
+    """A server whose certificate is not trusted gets no request: the connection fails with
+    a ConnectError before anything is sent."""
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(TLS_FILES / "cert.pem", TLS_FILES / "key.pem")
+    server = ScriptedServer([OK_EMPTY], tls=server_tls)
+    url = server.url.replace("http://127.0.0.1", "https://localhost")
+    try:
+        with (
+            AmberfloClient(api_key=API_KEY, base_url=url, timeout=5.0) as client,
+            pytest.raises(RetriableError) as caught,
+        ):
+            client.get_customer("u1")
+    finally:
+        server.close()
+    assert "ConnectError" in str(caught.value)
+    assert server.requests == []
