@@ -253,8 +253,10 @@ def main() -> None:
             print(
                 f"{mode:8} {result.users:>9,} users in {result.seconds:7.1f} s = "
                 f"{rate:7,.0f} users/s -> 1M users in {1_000_000 / rate / 60:5.1f} min | "
-                f"exit {result.exit_code} | CPU s: run {result.run_cpu:.0f}, emulator "
-                f"{result.emulator_cpu:.0f} | {result.verified}",
+                f"exit {result.exit_code} | CPU: run {result.run_cpu:.1f} s "
+                f"({result.run_cpu / result.users * 1000:.3f} ms/user), emulator "
+                f"{result.emulator_cpu:.1f} s ({result.emulator_cpu / result.users * 1000:.3f} "
+                f"ms/user) | {result.verified}",
                 flush=True,
             )
             if result.phases:
