@@ -20,13 +20,13 @@ serialized deterministically (compact separators, keys in the order given, gzip 
 timestamp) so a re-sent batch is byte-identical and Amberflo's whole-record dedup applies.
 
 Two paths, one behaviour. Given a ``transport`` (the test seam: ``httpx.MockTransport``, or
-``httpx.HTTPTransport()`` for vcrpy cassettes, which hook in below ``httpx.Client``), or when
-the environment names a proxy, requests go through ``httpx.Client``, which applies the proxy
-settings (``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``). Otherwise they go straight to
-Amberflo through :class:`_DirectPool`, keep-alive HTTP/1.1 on sockets: an initial sync sends one
-request per user, and ``httpx.Client`` with any transport under it costs about three times the
-CPU per request (``bench/RESULTS-delivery.md``). Both paths send the same requests and their
-failures are mapped in the same place.
+``httpx.HTTPTransport()`` for vcrpy cassettes, which hook into ``httpx.Client``), or when the
+environment names a proxy, requests go through ``httpx.Client``, which applies the proxy
+settings (``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``). Otherwise they go straight to Amberflo
+through :class:`_DirectPool`, keep-alive HTTP/1.1 on sockets: an initial sync sends one request
+per user, and ``httpx.Client`` costs the client about seven times the CPU per request, whatever
+transport is under it (``bench/RESULTS-delivery.md``). Both paths send the same requests, and
+their failures are mapped in the same place.
 """
 
 from __future__ import annotations
@@ -488,11 +488,11 @@ class _DirectPool:
     An initial sync sends one small request per user and waits for each answer on one of a
     few threads, so the client's CPU per request is the run's speed limit. This path writes
     each request with one ``sendall`` of bytes built from a cached prefix, and reads the answer
-    with as few ``recv`` calls as it takes: a quarter of the CPU of ``httpx.Client`` over
-    ``http.client`` (``bench/RESULTS-delivery.md``). It speaks only what Amberflo's answers
-    need: ``Content-Length``, chunked or read-to-close bodies, ``Connection: close`` and
-    ``1xx`` interim answers. Failures surface as httpx's exceptions, so
-    :meth:`AmberfloClient._send` maps them like those of the httpx path.
+    with as few ``recv`` calls as it takes: about 0.1 ms of CPU per request where
+    ``httpx.Client`` needs 0.7 to 0.85 ms (``bench/RESULTS-delivery.md``). It speaks only what
+    Amberflo's answers need: ``Content-Length``, chunked or read-to-close bodies,
+    ``Connection: close`` and ``1xx`` interim answers. Failures surface as httpx's exceptions,
+    so :meth:`AmberfloClient._send` maps them like those of the httpx path.
 
     Thread-safe: a connection serves one request at a time, taken from the idle pool (or newly
     opened) and put back once its answer is read whole; at most ``max_idle`` stay open per
