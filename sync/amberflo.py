@@ -535,6 +535,13 @@ class _DirectPool:
         sock = self._connection(target.origin)
         try:
             sock.sendall(b"".join(head))
+        except TimeoutError as exc:
+            sock.close()
+            raise httpx.WriteTimeout(f"the request could not be sent in time: {exc}") from exc
+        except OSError as exc:
+            sock.close()
+            raise httpx.WriteError(f"sending the request failed: {exc}") from exc
+        try:
             answer, keep = _read_answer(sock, method)
         except TimeoutError as exc:
             sock.close()

@@ -302,3 +302,19 @@ def test_a_certificate_nobody_trusts_is_refused(no_proxy_env: None) -> None:
         server.close()
     assert "ConnectError" in str(caught.value)
     assert server.requests == []
+
+
+@pytest.mark.usefixtures("no_proxy_env")
+def test_a_request_the_server_does_not_take_in_time_is_a_retriable_write_timeout() -> None:
+    """A body the server never reads (it does not even accept the connection) fills the
+    socket buffers; sending gives up after the timeout with a retriable WriteTimeout."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        body = {"customerId": "u1", "customerName": "x" * 64_000_000}
+        with (
+            AmberfloClient(api_key=API_KEY, base_url=url, timeout=0.3) as client,
+            pytest.raises(RetriableError) as caught,
+        ):
+            client.create_customer(body)
+    assert caught.value.status is None
+    assert "WriteTimeout" in str(caught.value)
