@@ -7,7 +7,10 @@ subprocess, then for each mode runs ``amberflo-sync run`` (the real command line
 against an empty emulator and an empty state folder; checks that the emulator then holds
 exactly the snapshot's users with exactly the expected name, email and traits; and prints the
 users per second, the time projected for 1,000,000 users, and the CPU seconds the run and the
-emulator used (the machine's cores are shared by both).
+emulator used (the machine's cores are shared by both). The run's JSON log splits its wall
+time into phases: start-up, reading and diffing (up to ``diff_computed``), delivery (up to
+``customers_delivered``, with its own users per second) and the commit (up to
+``run_finished``).
 
     .venv/bin/python bench/initial_sync.py [--users 100000] [--modes merge,replace]
         [--concurrency 8] [--timeout 1800] [--dir bench/data/initial_sync]
@@ -24,6 +27,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +122,7 @@ class Result:
     run_cpu: float
     emulator_cpu: float
     verified: str
+    phases: dict[str, float]
 
 
 def run_mode(
@@ -151,6 +156,7 @@ def run_mode(
     }
     emulator_before = cpu_seconds(server)
     children_before = os.times()
+    started_at = datetime.now(UTC)
     started = time.perf_counter()
     with (folder / "run.log").open("w") as log:
         completed = subprocess.run(
@@ -168,6 +174,7 @@ def run_mode(
         children_after.children_system - children_before.children_system
     )
     emulator_cpu = cpu_seconds(server) - emulator_before
+    phases = phase_seconds(folder / "run.log", started_at)
     return Result(
         mode=mode,
         users=args.users,
@@ -176,7 +183,30 @@ def run_mode(
         run_cpu=run_cpu,
         emulator_cpu=emulator_cpu,
         verified=verify(url, snapshot),
+        phases=phases,
     )
+
+
+def phase_seconds(log_path: Path, started_at: datetime) -> dict[str, float]:
+    """Seconds from the process start to the diff, of delivery, and of the commit, read from
+    the run's JSON log lines (empty when a line is missing)."""
+    stamps: dict[str, datetime] = {}
+    for line in log_path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and "timestamp" in event:
+            stamps.setdefault(event.get("event", ""), datetime.fromisoformat(event["timestamp"]))
+    marks = ("diff_computed", "customers_delivered", "run_finished")
+    if not all(mark in stamps for mark in marks):
+        return {}
+    diffed, delivered, finished = (stamps[mark] for mark in marks)
+    return {
+        "start_read_diff": (diffed - started_at).total_seconds(),
+        "deliver": (delivered - diffed).total_seconds(),
+        "commit": (finished - delivered).total_seconds(),
+    }
 
 
 def verify(url: str, snapshot: Path) -> str:
@@ -223,10 +253,21 @@ def main() -> None:
             print(
                 f"{mode:8} {result.users:>9,} users in {result.seconds:7.1f} s = "
                 f"{rate:7,.0f} users/s -> 1M users in {1_000_000 / rate / 60:5.1f} min | "
-                f"exit {result.exit_code} | CPU s: run {result.run_cpu:.0f}, emulator "
-                f"{result.emulator_cpu:.0f} | {result.verified}",
+                f"exit {result.exit_code} | CPU: run {result.run_cpu:.1f} s "
+                f"({result.run_cpu / result.users * 1000:.3f} ms/user), emulator "
+                f"{result.emulator_cpu:.1f} s ({result.emulator_cpu / result.users * 1000:.3f} "
+                f"ms/user) | {result.verified}",
                 flush=True,
             )
+            if result.phases:
+                phases = result.phases
+                print(
+                    f"         phases: start, read and diff {phases['start_read_diff']:.1f} s | "
+                    f"delivery {phases['deliver']:.1f} s = "
+                    f"{result.users / phases['deliver']:,.0f} users/s | "
+                    f"commit {phases['commit']:.1f} s",
+                    flush=True,
+                )
     print(f"(machine: {psutil.cpu_count()} cores; load average {os.getloadavg()[0]:.1f})")
     if any(r.exit_code != 0 or not r.verified.startswith("ok") for r in results):
         sys.exit(1)

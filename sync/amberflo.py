@@ -19,19 +19,20 @@ The client does not retry: the retry policy belongs to :mod:`sync.deliver`. Requ
 serialized deterministically (compact separators, keys in the order given, gzip without a
 timestamp) so a re-sent batch is byte-identical and Amberflo's whole-record dedup applies.
 
-Direct connections go through :class:`_Http11Transport`, keep-alive HTTP/1.1 on the standard
-library's ``http.client``: an initial sync sends one request per user, and httpx's default
-transport (httpcore and h11) spends about 0.6 ms of CPU per request where ``http.client`` needs
-about a quarter of that (``bench/initial_sync.py``). httpx still builds and reads every request
-and applies the environment's proxy settings (``HTTPS_PROXY``, ``NO_PROXY``), whose routes take
-precedence over the direct one.
+Two paths, one behaviour. Given a ``transport`` (the test seam: ``httpx.MockTransport``, or
+``httpx.HTTPTransport()`` for vcrpy cassettes, which hook into ``httpx.Client``), or when the
+environment names a proxy, requests go through ``httpx.Client``, which applies the proxy
+settings (``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``). Otherwise they go straight to Amberflo
+through :class:`_DirectPool`, keep-alive HTTP/1.1 on sockets: an initial sync sends one request
+per user, and ``httpx.Client`` costs the client about seven times the CPU per request, whatever
+transport is under it (``bench/RESULTS-delivery.md``). Both paths send the same requests, and
+their failures are mapped in the same place.
 """
 
 from __future__ import annotations
 
 import email.utils
 import gzip
-import http.client
 import json
 import math
 import re
@@ -39,12 +40,15 @@ import select
 import socket
 import ssl
 import threading
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
+import orjson
 
 from sync import __version__
 from sync.errors import AuthError, PermanentError, RetriableError
@@ -58,6 +62,8 @@ USER_AGENT = f"amberflo-sync/{__version__}"
 _MAX_MESSAGE_CHARS = 500
 _INGESTED = re.compile(r"^\s*(\d+)\s+records?\s+were\s+ingested\b", re.IGNORECASE)
 _REDACTED = "[redacted]"
+# Where orjson and json may read a number differently (see _Answer.json).
+_LONG_DIGITS = re.compile(rb"\d{19}")
 
 
 # One encoder for every call: json.dumps builds a new one whenever its options differ from the
@@ -122,25 +128,24 @@ class AmberfloClient:
         self._base_url = base_url.rstrip("/")
         self._ingest_url = (ingest_url or base_url).rstrip("/")
         self._timeout = httpx.Timeout(timeout)
-        # "all://" is the least specific route, so proxies from the environment still win.
-        mounts = (
-            None
-            if transport is not None
-            else {"all://": _Http11Transport(max_idle=max_connections)}
-        )
+        headers = {
+            "x-api-key": api_key,
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+        }
+        self._direct: _DirectPool | None = None
+        self._http: httpx.Client | None = None
+        if transport is None and not _proxied([self._base_url, self._ingest_url]):
+            self._direct = _DirectPool(headers=headers, timeout=timeout, max_idle=max_connections)
+            return
         self._http = httpx.Client(
-            headers={
-                "x-api-key": api_key,
-                "Accept": "application/json",
-                "Content-Type": "application/json",
-                "User-Agent": USER_AGENT,
-            },
+            headers=headers,
             timeout=self._timeout,
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),
             transport=transport,
-            mounts=mounts,
             # Amberflo never redirects its API; following one could send the key elsewhere.
             follow_redirects=False,
         )
@@ -157,8 +162,11 @@ class AmberfloClient:
         self.close()
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
+        """Close the connection pool; a request after this raises ``RuntimeError``."""
+        if self._direct is not None:
+            self._direct.close()
+        if self._http is not None:
+            self._http.close()
 
     # -- customers -------------------------------------------------------------------------
 
@@ -269,16 +277,24 @@ class AmberfloClient:
         params: Mapping[str, str | int] | None = None,
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> httpx.Response:
-        """Send one request and return a 2xx response; raise the mapped error otherwise."""
+    ) -> _Answer:
+        """Send one request and return a 2xx answer; raise the mapped error otherwise."""
         try:
-            response = self._http.request(
+            if self._direct is None:
+                return self._send_httpx(
+                    method, url, endpoint, params=params, content=content, headers=headers
+                )
+            answer = self._direct.request(
                 method,
                 url,
-                params=params,
+                # Encoded as httpx encodes ``params`` (a space as "+"), so both paths send the
+                # same request line.
+                query=urllib.parse.urlencode(params) if params else "",
                 content=content,
-                headers=headers,
-                timeout=self._timeout,
+                headers=b"".join(
+                    f"{name}: {value}\r\n".encode("latin-1")
+                    for name, value in (headers or {}).items()
+                ),
             )
         except httpx.TransportError as exc:
             # httpx puts the URL, never headers, in its messages; redact anyway as a backstop.
@@ -286,14 +302,33 @@ class AmberfloClient:
             raise RetriableError(
                 f"{endpoint}: {type(exc).__name__}: {detail}", status=None, endpoint=endpoint
             ) from exc
+        if not 200 <= answer.status_code < 300:
+            raise self._status_error(answer, endpoint)
+        return answer
+
+    def _send_httpx(
+        self,
+        method: str,
+        url: str,
+        endpoint: str,
+        *,
+        params: Mapping[str, str | int] | None,
+        content: bytes | None,
+        headers: Mapping[str, str] | None,
+    ) -> _Answer:
+        assert self._http is not None  # the client has one of its two paths
+        response = self._http.request(
+            method, url, params=params, content=content, headers=headers, timeout=self._timeout
+        )
+        answer = _Answer.of(response)
         try:
             response.raise_for_status()
         except httpx.HTTPStatusError as exc:
-            raise self._status_error(response, endpoint) from exc
-        return response
+            raise self._status_error(answer, endpoint) from exc
+        return answer
 
     def _status_error(
-        self, response: httpx.Response, endpoint: str
+        self, response: _Answer, endpoint: str
     ) -> AuthError | RetriableError | PermanentError:
         status = response.status_code
         message = self._redact(_amberflo_message(response))
@@ -308,7 +343,7 @@ class AmberfloClient:
                 f"Amberflo is throttling requests (429): {message}",
                 status=status,
                 endpoint=endpoint,
-                retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
             )
         if status >= 500:
             return RetriableError(
@@ -321,7 +356,7 @@ class AmberfloClient:
         return text.replace(self._api_key, _REDACTED)
 
 
-def _amberflo_message(response: httpx.Response) -> str:
+def _amberflo_message(response: _Answer) -> str:
     """Amberflo's error text: ``errorMessage``, ``message``, or the body, cut to a sane length."""
     text = response.text.strip()
     try:
@@ -341,7 +376,7 @@ def _amberflo_message(response: httpx.Response) -> str:
     return text
 
 
-def _json_object(response: httpx.Response, endpoint: str) -> dict[str, Any]:
+def _json_object(response: _Answer, endpoint: str) -> dict[str, Any]:
     try:
         body = response.json()
     except ValueError as exc:
@@ -351,7 +386,7 @@ def _json_object(response: httpx.Response, endpoint: str) -> dict[str, Any]:
     return body
 
 
-def _unexpected(response: httpx.Response, endpoint: str, what: str) -> PermanentError:
+def _unexpected(response: _Answer, endpoint: str, what: str) -> PermanentError:
     snippet = response.text.strip()[:200]
     return PermanentError(
         f"unexpected answer from Amberflo on {endpoint}: {what} (body: {snippet!r})",
@@ -360,115 +395,216 @@ def _unexpected(response: httpx.Response, endpoint: str, what: str) -> Permanent
     )
 
 
-# -- the transport ----------------------------------------------------------------------------
+# -- answers ----------------------------------------------------------------------------------
+
+
+class _Answer:
+    """One HTTP answer, read whole: what the mapping and the methods above need of it.
+
+    Both paths produce it: :class:`_DirectPool` directly, and httpx's through :meth:`of`.
+    ``headers`` has lower-case names, repeated ones joined with ``", "`` as httpx joins them.
+    """
+
+    __slots__ = ("content", "headers", "reason_phrase", "status_code")
+
+    def __init__(
+        self, status_code: int, reason_phrase: str, headers: dict[str, str], content: bytes
+    ) -> None:
+        self.status_code = status_code
+        self.reason_phrase = reason_phrase
+        self.headers = headers
+        self.content = content
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> _Answer:
+        """The answer of an httpx response (already read whole by ``httpx.Client.request``)."""
+        headers = {name.lower(): value for name, value in response.headers.items()}
+        return cls(response.status_code, response.reason_phrase, headers, response.content)
+
+    @property
+    def text(self) -> str:
+        """The body as text (Amberflo answers UTF-8; a stray byte becomes U+FFFD)."""
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        """The body as JSON; ``ValueError`` when it is not JSON.
+
+        orjson reads a customer about four times faster than ``json``. What it refuses
+        (``NaN``, lone surrogates) is read by ``json`` instead, and so is a body with a run of
+        19 or more digits, because orjson turns integers beyond 64 bits into floats: the
+        result is always the standard library's.
+        """
+        if _LONG_DIGITS.search(self.content) is None:
+            try:
+                return orjson.loads(self.content)
+            except orjson.JSONDecodeError:
+                pass
+        return json.loads(self.content)
+
+
+# -- the direct path --------------------------------------------------------------------------
 
 _Origin = tuple[str, str, int]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# Answers are small: a larger buffer only costs an allocation per read.
+_READ_SIZE = 16384
+# An answer's head larger than this is not an Amberflo answer; refusing it bounds memory.
+_MAX_HEAD_BYTES = 64 * 1024
 
 
-class _Http11Transport(httpx.BaseTransport):
-    """HTTP/1.1 over ``http.client`` with a pool of keep-alive connections per origin.
+def _proxied(urls: Sequence[str]) -> bool:
+    """Whether the environment names a proxy for the scheme of any of ``urls``.
+
+    ``urllib.request.getproxies`` is the function httpx's own ``trust_env`` reads, so the
+    direct path is taken exactly when httpx would not route through a proxy by scheme; any
+    proxy setting at all sends requests through httpx, which also applies ``NO_PROXY``.
+    """
+    proxies = urllib.request.getproxies()
+    if proxies.get("all"):
+        return True
+    return any(proxies.get(urllib.parse.urlsplit(url).scheme) for url in urls)
+
+
+class _Target:
+    """Where one URL's requests go: the origin, and the head bytes before the header fields."""
+
+    __slots__ = ("origin", "path", "start")
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+            # What httpx raises for such a URL, so both paths fail alike.
+            raise httpx.UnsupportedProtocol(f"not an http:// or https:// URL with a host: {url!r}")
+        port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        self.origin: _Origin = (parts.scheme, parts.hostname, port)
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        if parts.port is not None and parts.port != _DEFAULT_PORTS[parts.scheme]:
+            host = f"{host}:{parts.port}"
+        self.path = urllib.parse.quote(parts.path or "/", safe="/%:@!$&'()*+,;=~")
+        self.start = f"Host: {host}\r\n".encode("ascii")
+
+
+class _DirectPool:
+    """HTTP/1.1 on plain (or TLS) sockets, with keep-alive connections per origin.
+
+    An initial sync sends one small request per user and waits for each answer on one of a
+    few threads, so the client's CPU per request is the run's speed limit. This path writes
+    each request with one ``sendall`` of bytes built from a cached prefix, and reads the answer
+    with as few ``recv`` calls as it takes: about 0.1 ms of CPU per request where
+    ``httpx.Client`` needs 0.7 to 0.85 ms (``bench/RESULTS-delivery.md``). It speaks only what
+    Amberflo's answers need: ``Content-Length``, chunked or read-to-close bodies,
+    ``Connection: close`` and ``1xx`` interim answers. Failures surface as httpx's exceptions,
+    so :meth:`AmberfloClient._send` maps them like those of the httpx path.
 
     Thread-safe: a connection serves one request at a time, taken from the idle pool (or newly
-    opened) and put back once its answer is read whole. At most ``max_idle`` connections per
-    origin stay open between requests. Failures surface as httpx's own exceptions, so
-    :meth:`AmberfloClient._send` maps them like those of any other transport.
+    opened) and put back once its answer is read whole; at most ``max_idle`` stay open per
+    origin.
     """
 
-    def __init__(self, *, max_idle: int) -> None:
+    def __init__(self, *, headers: Mapping[str, str], timeout: float, max_idle: int) -> None:
+        self._fields = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers.items())
+        self._timeout = timeout
         self._max_idle = max_idle
-        self._idle: dict[_Origin, list[http.client.HTTPConnection]] = {}
+        self._targets: dict[str, _Target] = {}
+        self._idle: dict[_Origin, list[socket.socket]] = {}
         self._lock = threading.Lock()
         self._tls: ssl.SSLContext | None = None
         self._closed = False
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        """Send ``request`` and read its whole answer."""
-        url = request.url
-        origin = (url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme, 80))
-        timeouts = request.extensions.get("timeout", {})
-        connection = self._connection(origin, timeouts.get("connect"), request)
-        connection.timeout = timeouts.get("read")
-        if connection.sock is not None:
-            connection.sock.settimeout(connection.timeout)
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        query: str,
+        content: bytes | None,
+        headers: bytes,
+    ) -> _Answer:
+        """Send one request (``headers``: extra header fields, each ending in CRLF) and read
+        its whole answer."""
+        if self._closed:
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        target = self._targets.get(url)
+        if target is None:
+            target = self._targets[url] = _Target(url)
+        line = f"{method} {target.path}{'?' + query if query else ''} HTTP/1.1\r\n"
+        head = [line.encode("ascii"), target.start, self._fields, headers]
+        if content is not None:
+            head.append(b"Content-Length: %d\r\n" % len(content))
+        head.append(b"\r\n")
+        if content:
+            head.append(content)
+        sock = self._connection(target.origin)
         try:
-            connection.putrequest(
-                request.method,
-                url.raw_path.decode("ascii"),
-                skip_host=True,  # httpx sets Host (and every other header) itself
-                skip_accept_encoding=True,
-            )
-            for name, value in request.headers.raw:
-                connection.putheader(name.decode("latin-1"), value.decode("latin-1"))
-            connection.endheaders(request.read())
-            answer = connection.getresponse()
-            content = answer.read()
-        except (OSError, http.client.HTTPException) as exc:
-            connection.close()
-            raise _transport_error(exc, request) from exc
-        # http.client lets go of the socket itself when the answer ends the connection.
-        if connection.sock is not None:
-            self._release(origin, connection)
-        return httpx.Response(
-            answer.status,
-            headers=answer.getheaders(),
-            content=content,
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": answer.reason.encode()},
-        )
+            sock.sendall(b"".join(head))
+        except TimeoutError as exc:
+            sock.close()
+            raise httpx.WriteTimeout(f"the request could not be sent in time: {exc}") from exc
+        except OSError as exc:
+            sock.close()
+            raise httpx.WriteError(f"sending the request failed: {exc}") from exc
+        try:
+            answer, keep = _read_answer(sock, method)
+        except TimeoutError as exc:
+            sock.close()
+            raise httpx.ReadTimeout(f"no answer in time: {exc}") from exc
+        except httpx.TransportError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            raise httpx.ReadError(f"connection failed: {exc}") from exc
+        if keep:
+            self._release(target.origin, sock)
+        else:
+            sock.close()
+        return answer
 
     def close(self) -> None:
         """Close every idle connection; connections in use close when their request ends."""
         with self._lock:
             self._closed = True
-            idle = [c for connections in self._idle.values() for c in connections]
+            idle = [sock for socks in self._idle.values() for sock in socks]
             self._idle.clear()
-        for connection in idle:
-            connection.close()
+        for sock in idle:
+            sock.close()
 
-    def _connection(
-        self, origin: _Origin, timeout: float | None, request: httpx.Request
-    ) -> http.client.HTTPConnection:
-        while (connection := self._take_idle(origin)) is not None:
+    def _connection(self, origin: _Origin) -> socket.socket:
+        while (sock := self._take_idle(origin)) is not None:
             # A readable idle socket means the server closed it (or broke the protocol). Checked
             # outside the lock: a system call there would make every other thread queue on it.
-            if connection.sock is not None and not _readable(connection.sock):
-                return connection
-            connection.close()
+            if not _readable(sock):
+                return sock
+            sock.close()
         scheme, host, port = origin
-        connection = (
-            http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls_context())
-            if scheme == "https"
-            else http.client.HTTPConnection(host, port, timeout=timeout)
-        )
         try:
-            connection.connect()
+            sock = socket.create_connection((host, port), timeout=self._timeout)
         except TimeoutError as exc:
-            connection.close()
-            raise httpx.ConnectTimeout(
-                f"connecting to {host}:{port}: {exc}", request=request
-            ) from exc
+            raise httpx.ConnectTimeout(f"connecting to {host}:{port}: {exc}") from exc
         except OSError as exc:
-            connection.close()
-            raise httpx.ConnectError(
-                f"connecting to {host}:{port}: {exc}", request=request
-            ) from exc
-        if connection.sock is not None:
-            # Requests are small and each waits for its answer: never hold a segment back.
-            connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return connection
+            raise httpx.ConnectError(f"connecting to {host}:{port}: {exc}") from exc
+        # Requests are small and each waits for its answer: never hold a segment back.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if scheme == "https":
+            try:
+                sock = self._tls_context().wrap_socket(sock, server_hostname=host)
+            except (OSError, ssl.SSLError) as exc:
+                sock.close()
+                raise httpx.ConnectError(f"TLS with {host}:{port} failed: {exc}") from exc
+        return sock
 
-    def _take_idle(self, origin: _Origin) -> http.client.HTTPConnection | None:
+    def _take_idle(self, origin: _Origin) -> socket.socket | None:
         with self._lock:
             idle = self._idle.get(origin)
             return idle.pop() if idle else None
 
-    def _release(self, origin: _Origin, connection: http.client.HTTPConnection) -> None:
+    def _release(self, origin: _Origin, sock: socket.socket) -> None:
         with self._lock:
             idle = self._idle.setdefault(origin, [])
             if not self._closed and len(idle) < self._max_idle:
-                idle.append(connection)
+                idle.append(sock)
                 return
-        connection.close()
+        sock.close()
 
     def _tls_context(self) -> ssl.SSLContext:
         # Built on first use: the certificate bundle takes a while to load.
@@ -483,14 +619,121 @@ def _readable(sock: socket.socket) -> bool:
     return bool(readable)
 
 
-def _transport_error(exc: Exception, request: httpx.Request) -> httpx.TransportError:
-    """The httpx exception for a failure while a request was sent or its answer read."""
-    if isinstance(exc, TimeoutError):
-        return httpx.ReadTimeout(f"no answer in time: {exc}", request=request)
-    if isinstance(exc, http.client.RemoteDisconnected):
-        return httpx.RemoteProtocolError(
-            "the server closed the connection without an answer", request=request
-        )
-    if isinstance(exc, http.client.HTTPException):
-        return httpx.RemoteProtocolError(f"malformed answer: {exc!r}", request=request)
-    return httpx.ReadError(f"connection failed: {exc}", request=request)
+def _read_answer(sock: socket.socket, method: str) -> tuple[_Answer, bool]:
+    """Read one whole answer from ``sock``; also whether the connection may be reused."""
+    version, status, reason, headers, buffer = _read_head(sock)
+    connection = headers.get("connection", "").lower()
+    keep = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+    if method == "HEAD" or status in (204, 304):
+        content = b""
+    elif "chunked" in headers.get("transfer-encoding", "").lower():
+        content, buffer = _read_chunked(sock, buffer)
+    elif "content-length" in headers:
+        try:
+            length = int(headers["content-length"])
+        except ValueError:
+            length = -1
+        if length < 0:
+            raise httpx.RemoteProtocolError("malformed answer: bad Content-Length")
+        content, buffer = _read_exactly(sock, buffer, length)
+    else:
+        content, buffer, keep = _read_to_close(sock, buffer), b"", False
+    if buffer:
+        keep = False  # bytes after the answer: the server does not speak as expected
+    return _Answer(status, reason, headers, content), keep
+
+
+def _read_head(sock: socket.socket) -> tuple[str, int, str, dict[str, str], bytes]:
+    """The final (not ``1xx``) answer's version, status, reason and header fields, and the
+    bytes read past its head."""
+    buffer = b""
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        while end < 0:
+            if len(buffer) > _MAX_HEAD_BYTES:
+                raise httpx.RemoteProtocolError("malformed answer: head too large")
+            data = sock.recv(_READ_SIZE)
+            if not data:
+                raise httpx.RemoteProtocolError(
+                    "the server closed the connection without an answer"
+                    if not buffer
+                    else "malformed answer: the connection closed inside the head"
+                )
+            buffer += data
+            end = buffer.find(b"\r\n\r\n")
+        lines = buffer[:end].decode("latin-1").split("\r\n")
+        buffer = buffer[end + 4 :]
+        version, status, reason = _status_line(lines[0])
+        if not 100 <= status < 200 or status == 101:
+            break
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise httpx.RemoteProtocolError(f"malformed answer: header line {line!r}")
+        name = name.lower()
+        value = value.strip()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return version, status, reason, headers, buffer
+
+
+def _status_line(line: str) -> tuple[str, int, str]:
+    version, _, rest = line.partition(" ")
+    code, _, reason = rest.partition(" ")
+    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        raise httpx.RemoteProtocolError(f"malformed answer: status line {line!r}")
+    return version, int(code), reason.strip()
+
+
+def _read_exactly(sock: socket.socket, buffer: bytes, length: int) -> tuple[bytes, bytes]:
+    """``length`` bytes: what ``buffer`` holds first, then from ``sock``; and what is left."""
+    if len(buffer) >= length:
+        return buffer[:length], buffer[length:]
+    parts = [buffer]
+    missing = length - len(buffer)
+    while missing > 0:
+        data = sock.recv(max(missing, _READ_SIZE))
+        if not data:
+            raise httpx.RemoteProtocolError("malformed answer: the body ended early")
+        parts.append(data)
+        missing -= len(data)
+    whole = b"".join(parts)
+    return whole[:length], whole[length:]
+
+
+def _read_line(sock: socket.socket, buffer: bytes) -> tuple[bytes, bytes]:
+    while (end := buffer.find(b"\r\n")) < 0:
+        if len(buffer) > _MAX_HEAD_BYTES:
+            raise httpx.RemoteProtocolError("malformed answer: chunk line too long")
+        data = sock.recv(_READ_SIZE)
+        if not data:
+            raise httpx.RemoteProtocolError("malformed answer: the body ended early")
+        buffer += data
+    return buffer[:end], buffer[end + 2 :]
+
+
+def _read_chunked(sock: socket.socket, buffer: bytes) -> tuple[bytes, bytes]:
+    parts: list[bytes] = []
+    while True:
+        line, buffer = _read_line(sock, buffer)
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError as exc:
+            raise httpx.RemoteProtocolError(f"malformed answer: chunk size {line!r}") from exc
+        if size < 0:
+            raise httpx.RemoteProtocolError(f"malformed answer: chunk size {line!r}")
+        if size == 0:
+            break
+        chunk, buffer = _read_exactly(sock, buffer, size + 2)
+        parts.append(chunk[:-2])
+    while True:  # trailer fields, up to the empty line
+        line, buffer = _read_line(sock, buffer)
+        if not line:
+            return b"".join(parts), buffer
+
+
+def _read_to_close(sock: socket.socket, buffer: bytes) -> bytes:
+    parts = [buffer]
+    while data := sock.recv(_READ_SIZE):
+        parts.append(data)
+    return b"".join(parts)

@@ -20,14 +20,14 @@ locks. Setting ``stop`` starts no new item, lets in-flight ones finish and repor
 
 from __future__ import annotations
 
+import queue
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol, TypeAlias, TypeVar
+from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast
 
 import stamina
 import structlog
@@ -103,7 +103,14 @@ class RetryPolicy:
         Only :class:`~sync.errors.RetriableError` is retried. Runs on ``stamina``, so
         ``stamina.set_testing(True)`` makes every wait zero in tests.
         """
-        decide = _RetryDecision(self)
+        started = time.monotonic()
+        # The first try runs outside stamina: almost every call succeeds at once, and setting
+        # up a retry context costs as much CPU as a customer request's own bookkeeping.
+        try:
+            return fn()
+        except RetriableError as exc:
+            failed: RetriableError | None = exc
+        decide = _RetryDecision(self, started=started)
         for attempt in stamina.retry_context(
             on=decide,
             attempts=self.attempts,
@@ -114,6 +121,10 @@ class RetryPolicy:
             wait_jitter=0.0,
         ):
             with attempt:
+                if failed is not None:
+                    # The first try's failure, decided and waited for like any other.
+                    first, failed = failed, None
+                    raise first
                 return fn()
         raise AssertionError("stamina.retry_context ended without a result or an error")
 
@@ -129,10 +140,10 @@ class _RetryDecision:
     with the wait really used.
     """
 
-    def __init__(self, policy: RetryPolicy) -> None:
+    def __init__(self, policy: RetryPolicy, *, started: float) -> None:
         self._policy = policy
         self._failures = 0
-        self._started = time.monotonic()
+        self._started = started
 
     def __call__(self, exc: Exception) -> bool | float:
         self._failures += 1
@@ -635,21 +646,25 @@ def _pump(
 ) -> bool:
     """Run ``work`` over ``units`` with at most ``concurrency`` in flight; True when stopped.
 
-    ``report`` runs on this thread for each result. If a unit raises (AuthError, or a bug), no
-    new unit starts, the ones in flight finish and are reported, then the first error is raised.
+    Units are pulled and ``report`` runs on this thread, for each result in completion order.
+    If a unit raises (AuthError, or a bug), no new unit starts, the ones in flight finish and
+    are reported, then the first error is raised.
+
+    Worker threads take units from one queue and put results on another: per unit that is two
+    queue operations, where a thread pool's futures, their locks and ``wait`` cost several times
+    as much CPU, which an initial sync of a million users pays once per user.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    pool: _Workers[U, R] = _Workers(work)
     iterator = iter(units)
-    pending: set[Future[R]] = set()
+    in_flight = 0
     error: Exception | None = None
     interrupted = False
     exhausted = False
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="deliver") as pool:
+    try:
         while True:
-            while (
-                error is None and not exhausted and not interrupted and len(pending) < concurrency
-            ):
+            while error is None and not exhausted and not interrupted and in_flight < concurrency:
                 try:
                     unit = next(iterator)
                 except StopIteration:
@@ -659,18 +674,56 @@ def _pump(
                 # is not reported as an interruption.
                 if stop is not None and stop.is_set():
                     interrupted = True
-                else:
-                    pending.add(pool.submit(work, unit))
-            if not pending:
+                    break
+                in_flight += 1
+                pool.submit(unit, in_flight)
+            if not in_flight:
                 break
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                try:
-                    result = future.result()
-                except Exception as exc:  # noqa: BLE001 - re-raised once in-flight work is drained
-                    error = error or exc
-                else:
-                    report(result)
+            result, failure = pool.results.get()
+            in_flight -= 1
+            if failure is None:
+                report(cast(R, result))
+            elif isinstance(failure, Exception):
+                error = error or failure
+            else:
+                raise failure
+    finally:
+        pool.shutdown()
     if error is not None:
         raise error
     return interrupted
+
+
+class _Workers(Generic[U, R]):
+    """Threads that run ``work`` on the units put in one queue and put the results in another,
+    started as the number of units in flight first needs them."""
+
+    def __init__(self, work: Callable[[U], R]) -> None:
+        self._work = work
+        self._tasks: queue.SimpleQueue[tuple[U] | None] = queue.SimpleQueue()
+        self.results: queue.SimpleQueue[tuple[R, None] | tuple[None, BaseException]] = (
+            queue.SimpleQueue()
+        )
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, unit: U, in_flight: int) -> None:
+        """Queue ``unit``; with ``in_flight`` units queued or running, start a thread if short."""
+        self._tasks.put((unit,))
+        if len(self._threads) < in_flight:
+            thread = threading.Thread(target=self._run, name=f"deliver_{len(self._threads)}")
+            thread.start()
+            self._threads.append(thread)
+
+    def shutdown(self) -> None:
+        """Let every thread finish its unit, then end and join them."""
+        for _ in self._threads:
+            self._tasks.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            try:
+                self.results.put((self._work(task[0]), None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the pulling thread
+                self.results.put((None, exc))

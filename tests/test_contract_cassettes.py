@@ -2,8 +2,9 @@
 
 Each example of ``spec/000_7123ee1c1603645f.txt`` (page, screen, identify, track) is built as a
 Segment message, mapped by the real :func:`sync.events.map_message` and sent by the real
-:class:`sync.amberflo.AmberfloClient` over httpx's real transport. vcrpy (which patches
-httpx's transport) records the exchange into ``cassettes/<example>.yaml``; by default the tests
+:class:`sync.amberflo.AmberfloClient` over httpx's real transport, given explicitly: without
+one the client writes to its sockets itself and never calls ``httpx.Client``, which is where
+vcrpy hooks in. vcrpy records the exchange into ``cassettes/<example>.yaml``; by default the tests
 replay them with ``record_mode="none"``, so the code must still produce exactly the recorded
 requests (method, path and body). ``CASSETTE_RECORD=1`` re-records them against the bundled
 emulator (see ``cassettes/README.md``).
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 import vcr
 import yaml
@@ -192,7 +194,9 @@ def base_url() -> Iterator[str]:
 def send(example: str, url: str) -> None:
     """Map the example and send it the way `amberflo-sync events` does."""
     mapped = map_message(message(example))
-    with AmberfloClient(api_key=API_KEY, base_url=url, timeout=5.0) as client:
+    # vcrpy hooks into httpx.Client; a transport keeps the client on that path.
+    transport = httpx.HTTPTransport()
+    with AmberfloClient(api_key=API_KEY, base_url=url, timeout=5.0, transport=transport) as client:
         if isinstance(mapped, MeterEvent):
             assert client.ingest([mapped.as_record()]) == 1
         else:

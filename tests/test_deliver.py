@@ -651,6 +651,55 @@ def test_a_rejected_key_stops_the_delivery_after_in_flight_work(fake: FakeAmberf
     assert set(fake.customers) == set(reported)
 
 
+def delivery_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("deliver_")}
+
+
+def test_every_delivery_thread_ends_with_the_delivery(fake: FakeAmberflo) -> None:
+    """After a delivery, whether it finished or stopped on a rejected key, none of its worker
+    threads is left running."""
+    fake.refuse_key_for.add("u40")
+    with fake.client() as client:
+        deliver_customers(
+            CustomerWriter(client, policy=FAST),
+            records_for(30),
+            concurrency=4,
+            on_outcome=lambda r, o: None,
+        )
+        assert delivery_threads() == set()
+        with pytest.raises(AuthError):
+            deliver_customers(
+                CustomerWriter(client, policy=FAST),
+                records_for(100),
+                concurrency=4,
+                on_outcome=lambda r, o: None,
+            )
+    assert delivery_threads() == set()
+
+
+def test_a_callback_that_fails_ends_the_delivery_after_work_in_flight(fake: FakeAmberflo) -> None:
+    """An error raised by ``on_outcome`` propagates once the upserts already started have
+    finished; no new one starts and no worker thread is left."""
+    reported: list[str] = []
+
+    def on_outcome(record: CustomerRecord, _: Outcome) -> None:
+        reported.append(record.customer_id)
+        if len(reported) == 5:
+            raise OSError("disk full")
+
+    with fake.client() as client, pytest.raises(OSError, match="disk full"):
+        deliver_customers(
+            CustomerWriter(client, policy=FAST),
+            records_for(100),
+            concurrency=4,
+            on_outcome=on_outcome,
+        )
+    assert len(reported) == 5
+    # Those in flight when the callback failed (at most the concurrency) were written.
+    assert 5 <= len(fake.customers) <= 5 + 4
+    assert delivery_threads() == set()
+
+
 # -- meter records --------------------------------------------------------------------------
 
 

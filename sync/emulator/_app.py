@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+import orjson
 import structlog
 
 from sync.emulator._faults import NO_FAULT, Decision, Fault, FaultState
@@ -96,7 +97,7 @@ class Response:
         cls, payload: Any, status: int = 200, headers: tuple[tuple[str, str], ...] = ()
     ) -> Response:
         """A JSON response."""
-        return cls(status, json.dumps(payload).encode(), "application/json", headers)
+        return cls(status, _json_bytes(payload), "application/json", headers)
 
     @classmethod
     def text(cls, text: str, status: int = 200) -> Response:
@@ -304,6 +305,16 @@ class App:
     def _reset(self, _request: Request, _params: dict[str, str]) -> Response:
         self.reset()
         return Response.json({"message": "reset"})
+
+
+def _json_bytes(payload: Any) -> bytes:
+    """``payload`` as compact UTF-8 JSON. orjson writes a customer several times faster than
+    ``json``; what it cannot write (an integer beyond 64 bits, a lone surrogate that a client
+    stored) ``json`` does, as it did before."""
+    try:
+        return orjson.dumps(payload)
+    except TypeError:
+        return json.dumps(payload).encode()
 
 
 def _table(*entries: tuple[str, str, Handler]) -> list[Route]:

@@ -42,10 +42,19 @@ def record_key(record: dict[str, Any]) -> RecordKey:
 
 def json_copy(value: J) -> J:
     """A deep copy of JSON data (dicts, lists and immutable scalars)."""
+    # Scalars, most of a customer, are taken as they are without a call each.
     if isinstance(value, dict):
-        return cast(J, {key: json_copy(item) for key, item in value.items()})
+        return cast(
+            J,
+            {
+                key: json_copy(item) if isinstance(item, dict | list) else item
+                for key, item in value.items()
+            },
+        )
     if isinstance(value, list):
-        return cast(J, [json_copy(item) for item in value])
+        return cast(
+            J, [json_copy(item) if isinstance(item, dict | list) else item for item in value]
+        )
     return value
 
 

@@ -7,6 +7,7 @@ unknown), only the status codes and the ``errorMessage``/``message`` keys are mo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -22,6 +23,9 @@ MAX_BODY_BYTES = 10 * 1024 * 1024
 
 DIMENSION_PATTERN = re.compile(r"[-_ !.*'()&$@=;:+,?0-9A-Za-z]{1,200}")
 """The spec's reconstruction of Amberflo's dimension regex, for keys and values alike."""
+
+# Where orjson and json may read a number differently (see parse_json).
+_LONG_DIGITS = re.compile(rb"\d{19}")
 
 
 @functools.lru_cache(maxsize=4096)  # the same keys and values come in record after record
@@ -76,7 +80,18 @@ def decode_body(body: bytes, content_encoding: str | None) -> bytes:
 
 
 def parse_json(body: bytes) -> Any:
-    """One JSON document, as Jackson would read it (no NaN or Infinity)."""
+    """One JSON document, as Jackson would read it (no NaN or Infinity).
+
+    orjson reads a customer about four times faster. A document it refuses is read again by
+    ``json``, so what is accepted, and the error message of what is not, stay ``json``'s; so
+    is one with a run of 19 or more digits, because orjson turns integers beyond 64 bits into
+    floats.
+    """
+    if _LONG_DIGITS.search(body) is None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
     try:
         # UnicodeDecodeError is a ValueError too: not UTF-8 is reported as invalid JSON.
         return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
@@ -86,18 +101,17 @@ def parse_json(body: bytes) -> Any:
 
 def parse_records(body: bytes) -> list[Any]:
     """The raw records of an ingest body: a JSON object, a JSON array, or NDJSON."""
-    try:
-        # orjson reads what Jackson reads (no NaN, UTF-8 checked) several times faster than
-        # the standard library; whatever it refuses (NDJSON, bad input, integers past 64 bits)
-        # is read again below, which says what is wrong.
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        pass
-    else:
-        if type(document) is list:
-            return document
-        if type(document) is dict:
-            return [document]
+    # orjson reads what Jackson reads (no NaN, UTF-8 checked) several times faster than the
+    # standard library; whatever it refuses (NDJSON, bad input) is read again below, which
+    # says what is wrong, and so is a body with 19 digits in a row (see parse_json).
+    document: Any = None
+    if _LONG_DIGITS.search(body) is None:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            document = orjson.loads(body)
+    if type(document) is list:
+        return document
+    if type(document) is dict:
+        return [document]
     try:
         text = body.decode("utf-8").strip()
     except UnicodeDecodeError as exc:

@@ -25,10 +25,15 @@ from dataclasses import dataclass
 
 MAX_HEAD_BYTES = 64 * 1024
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+# Header lines, each a token, a colon and anything but a line break: the rule _TOKEN applies
+# to one name, for a whole head.
+_FIELD_NAMES = re.compile(rb"(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\r\n]*(?:\r\n(?!\Z)|\Z))*")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _VERSIONS = {b"HTTP/1.1": "1.1", b"HTTP/1.0": "1.0"}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Looked up once: building an HTTPStatus per answer showed in the emulator's profile.
+_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
 
 
 class WireError(Exception):
@@ -199,12 +204,17 @@ def _request_line(line: bytes) -> tuple[str, str, str]:
 
 
 def _header_fields(lines: list[bytes]) -> dict[str, str]:
+    # One match checks every name at once; only a head that fails it is checked line by line,
+    # to name the line at fault.
+    if not _FIELD_NAMES.fullmatch(b"\r\n".join(lines)):
+        for line in lines:
+            name, colon, _ = line.partition(b":")
+            if not colon or not _TOKEN.fullmatch(name):
+                # Also refuses obsolete line folding (a line starting with whitespace).
+                raise WireError(400, f"malformed header line {line[:100]!r}")
     headers: dict[str, str] = {}
     for line in lines:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):
-            # Also refuses obsolete line folding (a line starting with whitespace).
-            raise WireError(400, f"malformed header line {line[:100]!r}")
+        name, _, value = line.partition(b":")
         key = name.decode("ascii").lower()
         text = value.strip(b" \t").decode("latin-1")
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
@@ -242,7 +252,7 @@ def encode_response(
 ) -> bytes:
     """A complete HTTP/1.1 response with a Content-Length (and ``Connection: close``)."""
     lines = [
-        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
+        f"HTTP/1.1 {status} {_PHRASES[status]}",
         f"Content-Type: {content_type}",
         f"Content-Length: {len(body)}",
     ]
