@@ -243,16 +243,20 @@ def _forward_block(block: NdjsonBlock) -> _ForwardedBlock:
     lines: list[int] = []
     raws: list[str] = []
     kept: list[tuple[int, str, Mapped]] = []
-    records: list[tuple[str, MeterEvent]] = []
-    for event in events_of_block(block):
-        mapped = _mapping(event)
-        if isinstance(mapped, MeterEvent):
-            # The ref is the record's place in lines and raws, to find it again if it fails.
-            records.append((str(len(lines)), mapped))
-            lines.append(event.line)
-            raws.append(event.raw)
-        else:
-            kept.append((event.line, event.raw, mapped))
+
+    def records() -> Iterator[tuple[str, MeterEvent]]:
+        # Pulled by delivery as it has room for another batch: the block is mapped while
+        # its first batches are on the wire, not before.
+        for event in events_of_block(block):
+            mapped = _mapping(event)
+            if isinstance(mapped, MeterEvent):
+                # The ref is the record's place in lines and raws, to find it if it fails.
+                ref = str(len(lines))
+                lines.append(event.line)
+                raws.append(event.raw)
+                yield ref, mapped
+            else:
+                kept.append((event.line, event.raw, mapped))
 
     failures: list[tuple[int, str, Outcome]] = []
 
@@ -264,7 +268,7 @@ def _forward_block(block: NdjsonBlock) -> _ForwardedBlock:
     try:
         deliver_meter_records(
             client,
-            records,
+            records(),
             concurrency=delivery.concurrency,
             policy=delivery.policy,
             on_outcome=on_outcome,
@@ -272,4 +276,4 @@ def _forward_block(block: NdjsonBlock) -> _ForwardedBlock:
         )
     except AuthError as exc:
         return _ForwardedBlock(block.source, kept, 0, [], (str(exc), exc.status, exc.endpoint))
-    return _ForwardedBlock(block.source, kept, len(records), failures)
+    return _ForwardedBlock(block.source, kept, len(lines), failures)

@@ -278,3 +278,26 @@ def test_ctrl_c_stops_an_events_run_with_everything_accounted_for(
     assert entry["interrupted"] is True
     assert counts["read"] == counts["sent"] + counts["skipped"] + counts["dead_lettered"]
     assert 0 < counts["read"] < 40_000
+
+
+def test_a_record_refused_in_a_worker_is_dead_lettered_with_its_line(
+    emulator: EmulatorHandle, tmp_path: Path
+) -> None:
+    """A meter record that fails in a worker (here: too large to send) is dead-lettered with
+    its own line, text and reason; the records around it are delivered."""
+    lines = [message(n) for n in range(14_000)]
+    huge = {f"p{n}": "x" * 150 for n in range(1000)}  # over 100 KB as a record
+    lines[9_001] = json.dumps(
+        {"type": "track", "messageId": "big", "userId": "u1", "event": "e", "properties": huge}
+        | {"timestamp": TS}
+    )
+    source = tmp_path / "in.ndjson"
+    source.write_text("\n".join(lines) + "\n", "utf-8")
+    done = run_events(emulator, tmp_path, source, workers=2)
+    assert done.returncode == 3, done.stderr[-2000:]
+    letters = dead_letters(tmp_path / "workers-2")
+    too_large = [(line, reason) for line, reason in letters if "over the limit" in reason]
+    assert [line for line, _ in too_large] == [9_002]
+    stored = {record.get("uniqueId") for record in emulator.ingested()}
+    assert "big" not in stored
+    assert {"m-8999", "m-9003"} <= stored  # meter records on either side
