@@ -20,6 +20,7 @@ accounted for) and exit when the parent is gone.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -121,6 +122,10 @@ class EventWorkers:
         # Stop signals are held back (not lost) while forking: a worker is born with them
         # blocked, so none can reach it before it has set them aside.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        # What this process holds now (the imported modules, mostly) lives as long as it does:
+        # out of the collector's sight, the workers' collections neither walk it nor write to
+        # its pages, which they would otherwise copy (the gc module's advice before a fork).
+        gc.freeze()
         try:
             # Fork: the workers start at once with everything this process imported, and
             # nothing runs in this process but the caller's thread when they are made.
