@@ -34,6 +34,7 @@ from sync.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = Path("config/sync.toml")
 CONFIG_ENV_VAR = "AMBERFLO_SYNC_CONFIG"
+ARROW_POOL_ENV_VAR = "ARROW_DEFAULT_MEMORY_POOL"
 DEFAULT_BASE_URL = "https://app.amberflo.io"
 
 
@@ -172,6 +173,16 @@ class Settings(BaseSettings):
                 "key from the Amberflo dashboard; a --dry-run needs none"
             )
         return self.api_key.get_secret_value()
+
+
+def prefer_system_allocator() -> None:
+    """Have pyarrow allocate with the C library's malloc unless ``ARROW_DEFAULT_MEMORY_POOL``
+    says otherwise; call before pyarrow is imported.
+
+    pyarrow's bundled mimalloc hands memory back to the kernel eagerly: on a small VM a dry run
+    of 1M users spent 2.2 to 2.8 s in the kernel with it, 0.8 s without, for the same work.
+    """
+    os.environ.setdefault(ARROW_POOL_ENV_VAR, "system")
 
 
 def config_file_from(cli_value: Path | None) -> Path | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,22 @@ def test_the_api_key_is_hidden_in_the_settings_repr(monkeypatch: pytest.MonkeyPa
     settings = load_settings(None)
     assert "very-secret-key" not in repr(settings)
     assert "very-secret-key" not in str(settings.model_dump())
+
+
+@pytest.mark.parametrize(("given", "used"), [(None, "system"), ("mimalloc", "mimalloc")])
+def test_pyarrow_allocates_with_malloc_unless_the_environment_says_otherwise(
+    given: str | None, used: str
+) -> None:
+    """The entry point makes pyarrow use the C library's allocator, and an explicit
+    ARROW_DEFAULT_MEMORY_POOL still wins."""
+    probe = (
+        "from sync.config import prefer_system_allocator; prefer_system_allocator(); "
+        "import pyarrow; print(pyarrow.default_memory_pool().backend_name)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if given is not None:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = given
+    shown = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert shown.stdout.strip() == used
