@@ -280,6 +280,25 @@ def test_a_state_without_fingerprints_diffs_the_same() -> None:
     assert with_fingerprints.summary == without.summary
 
 
+def test_a_partial_state_that_fingerprints_cannot_match_is_loaded_whole() -> None:
+    """A partial state whose id fingerprints collide is read whole and matched by exact ids."""
+    state = _synced(_snapshot({"u1": {"vip": "true"}, "u2": {"plan": "x"}}))
+    forged = state.users.copy()
+    forged["_id_hash"] = np.uint64(7)
+    asked: list[list[int]] = []
+
+    def fetch(positions: np.ndarray) -> pd.DataFrame:
+        asked.append(list(positions))
+        return forged.iloc[positions]
+
+    head = forged[["_hash", "_id_hash", "_id_check"]].reset_index(drop=True)
+    partial = KnownState(head, state.audience_keys, state.trait_keys, fetch=fetch)
+    result = diff(_snapshot({"u1": {"vip": "true"}, "u2": {"plan": "y"}}), partial)
+    assert _desired(result) == {"u2": {"plan": "y"}}
+    assert _kinds(result) == {"u2": "changed"}
+    assert asked[0] == [0, 1]
+
+
 def test_stale_fingerprints_are_refreshed_for_unchanged_users() -> None:
     """Users found unchanged value by value get the snapshot's fingerprint in the next state."""
     state = _state({"u1": {"vip": "true"}})

@@ -6,7 +6,16 @@ The folder layout is described in ``sync.state._layout``, the commit protocol in
 """
 
 from sync.state._jsonl import JsonlLog
+from sync.state._lazy import LazyState
 from sync.state._manifest import FORMAT_VERSION
 from sync.state._store import LogKind, StateInfo, StateStore, StoredState
 
-__all__ = ["FORMAT_VERSION", "JsonlLog", "LogKind", "StateInfo", "StateStore", "StoredState"]
+__all__ = [
+    "FORMAT_VERSION",
+    "JsonlLog",
+    "LazyState",
+    "LogKind",
+    "StateInfo",
+    "StateStore",
+    "StoredState",
+]

@@ -66,6 +66,7 @@ from sync.state._layout import (
     check_run_id,
     way_out,
 )
+from sync.state._lazy import LazyState, RowReader
 from sync.state._lock import hold_lock
 from sync.state._manifest import FORMAT_VERSION, Manifest, now_utc, parse_manifest
 
@@ -189,6 +190,51 @@ class StateStore:
             audience_keys=audience_keys,
             trait_keys=trait_keys,
             last_run=manifest.last_run if manifest else None,
+        )
+
+    def load_lazily(self, head: Sequence[str]) -> LazyState:
+        """The committed state with the ``head`` columns of every user loaded, the rest of each
+        row read only when asked for (see :class:`LazyState`).
+
+        A state with checkpoints still to fold in (a run crashed), or whose table lacks a
+        ``head`` column, is loaded whole: :meth:`load` applies the checkpoints. Raises
+        ``StateError`` as :meth:`load` does.
+        """
+        return self._consistently(lambda committed: self._load_lazily(committed, head))
+
+    def _load_lazily(self, committed: _Committed, head: Sequence[str]) -> LazyState:
+        manifest, data = committed.manifest, committed.data
+        table = None
+        if manifest is not None and data is not None and not committed.pending:
+            table = self._parse(data, self._path(STATE_FILE), head, index=False)
+        if manifest is None or data is None or table is None or table.column_names != list(head):
+            whole = self._load(committed, None)
+            return LazyState.of_frame(
+                whole.users,
+                head,
+                audience_keys=whole.audience_keys,
+                trait_keys=whole.trait_keys,
+                last_run=whole.last_run,
+            )
+        if table.num_rows != manifest.row_count:
+            raise StateError(
+                f"{self._path(STATE_FILE)} holds {table.num_rows} users but "
+                f"{self._path(MANIFEST_FILE)} says {manifest.row_count}. "
+                f"{way_out(self.directory)}"
+            )
+
+        def damaged(exc: Exception) -> StateError:
+            return StateError(
+                f"{self._path(STATE_FILE)} cannot be read as Parquet ({exc}). "
+                f"{way_out(self.directory)}"
+            )
+
+        return LazyState(
+            head=table.to_pandas(split_blocks=True, self_destruct=True),
+            audience_keys=manifest.audience_keys,
+            trait_keys=manifest.trait_keys,
+            last_run=manifest.last_run,
+            _rows=RowReader(data, damaged),
         )
 
     def info(self) -> StateInfo:
@@ -510,8 +556,15 @@ class StateStore:
         )
 
     def _parse(
-        self, data: pa.Buffer | pa.NativeFile, path: Path, columns: Sequence[str] | None
+        self,
+        data: pa.Buffer | pa.NativeFile,
+        path: Path,
+        columns: Sequence[str] | None,
+        *,
+        index: bool = True,
     ) -> pa.Table:
+        """The table in ``data``; ``columns`` only those of them that exist, and then the id
+        index too unless ``index`` is false."""
         source = pa.BufferReader(data) if isinstance(data, pa.Buffer) else data
         try:
             if columns is not None:
@@ -521,7 +574,7 @@ class StateStore:
             return pq.read_table(
                 source,
                 columns=columns,
-                use_pandas_metadata=True,
+                use_pandas_metadata=index,
                 page_checksum_verification=True,
             )
         except (pa.ArrowException, OSError) as exc:
