@@ -174,14 +174,25 @@ class RecordFingerprint:
         np.add(self._sum, _salt(f"audience\0{key}"), out=self._sum, where=present)
 
     def add_strings(self, key: str, values: pa.Array | pa.ChunkedArray) -> None:
-        """A text value per user (nulls add nothing)."""
+        """A text value per user (nulls add nothing); dictionary-encoded text is hashed one
+        distinct value at a time, with the same result."""
         if isinstance(values, pa.ChunkedArray):
             values = values.combine_chunks()
         if values.null_count == len(values):
             return
         salt = int(_salt(f"text\0{key}"))
-        terms = hash_strings(values, (salt,))[0]
-        self._add_valid(terms, values)
+        if not pa.types.is_dictionary(values.type):
+            self._add_valid(hash_strings(values, (salt,))[0], values)
+            return
+        words = values.dictionary
+        codes = np.asarray(values.indices.fill_null(0).to_numpy(zero_copy_only=False), np.intp)
+        valid = np.asarray(values.indices.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        if words.null_count:
+            word_valid = np.asarray(words.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+            valid &= word_valid[codes]
+        if len(words):
+            terms = hash_strings(words, (salt,))[0][codes]
+            np.add(self._sum, terms, out=self._sum, where=valid)
 
     def add_numbers(self, key: str, values: pa.Array | pa.ChunkedArray) -> None:
         """Typed numbers (integers, floats, booleans) hashed by their bits: no text needed.

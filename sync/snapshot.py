@@ -349,7 +349,10 @@ def _plain_text(values: pa.Array | pa.ChunkedArray) -> pa.Array:
         text = pc.cast(array.cast(pa.int64()), pa.string())
     else:
         text = _python_text(array, format_value)
-    blank = pc.equal(pc.utf8_trim_whitespace(text), "")
+    # Blank (empty or only whitespace) without trimming a copy of every id first.
+    blank = pc.or_(pc.utf8_is_space(text), pc.equal(pc.binary_length(text), 0))
+    if not pc.any(blank).as_py():
+        return text
     return pc.if_else(blank, pa.scalar(None, pa.string()), text)
 
 
@@ -613,9 +616,12 @@ def _deduplicate(rows: _Users, origin: _Origin, invalid: _Invalid) -> Ints:
     """The rows to keep: one per id; ids whose rows disagree are voided."""
     candidates = np.arange(len(rows.ids))
     assert rows.fingerprints is not None  # set by the caller
-    repeated = np.asarray(pd.Index(rows.fingerprints[0]).duplicated(keep=False), dtype=bool)
-    if not repeated.any():
+    # Sorting settles the usual case, no repeat at all, faster than a hash table of every id.
+    ordered = np.sort(rows.fingerprints[0])
+    if not (ordered[1:] == ordered[:-1]).any():
         return candidates
+    del ordered
+    repeated = np.asarray(pd.Index(rows.fingerprints[0]).duplicated(keep=False), dtype=bool)
     # Only rows whose id fingerprint repeats are compared, value by value, as rendered.
     suspects = candidates[repeated]
     some = rows.take(suspects)
@@ -847,7 +853,10 @@ def _frame(users: _Users, keys: Mapping[str, str]) -> tuple[pd.DataFrame, dict[s
         data[column] = _text_array(values)
     for name, flags in users.audiences.items():
         fingerprint.add_flag(keys[name], flags)
-        codes = np.where(flags, 1, -1).astype(np.int8)
+        # 1 ("true") for a member, -1 (absent) otherwise, made in int8 without a wider copy.
+        codes = flags.astype(np.int8)
+        codes <<= 1
+        codes -= 1
         data[keys[name]] = pd.Categorical.from_codes(codes, dtype=AUDIENCE_DTYPE)
     traits: dict[str, TraitValues] = {}
     for name, raw in users.traits.items():
@@ -856,6 +865,20 @@ def _frame(users: _Users, keys: Mapping[str, str]) -> tuple[pd.DataFrame, dict[s
             # only the users the diff compares or sends are ever rendered.
             fingerprint.add_numbers(keys[name], raw)
             traits[keys[name]] = TraitValues(raw, render, _renders_present(raw))
+        elif _is_text(raw.type) and _few_distinct(raw):
+            # Plans, tiers, product names: each distinct value is rendered and hashed once,
+            # and the column stays codes into those few words.
+            encoded = pc.dictionary_encode(raw)
+            words = render(encoded.dictionary)
+            text = pa.DictionaryArray.from_arrays(encoded.indices, words)
+            fingerprint.add_strings(keys[name], text)
+            present = (
+                _bools(encoded.indices.is_valid())
+                & _bools(words.is_valid())[
+                    np.asarray(encoded.indices.fill_null(0).to_numpy(zero_copy_only=False), np.intp)
+                ]
+            )
+            traits[keys[name]] = TraitValues(text, _decoded, present)
         else:
             text = render(raw)
             fingerprint.add_strings(keys[name], text)
@@ -873,6 +896,15 @@ def _renders_present(values: pa.Array) -> Bools:
     if pa.types.is_floating(values.type):
         present &= ~_bools(pc.fill_null(pc.is_nan(values), True))
     return present
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
+
+
+def _decoded(values: pa.Array) -> pa.Array:
+    """Wire text kept as a dictionary array, as plain text."""
+    return values.dictionary_decode()
 
 
 def _is_number(kind: pa.DataType) -> bool:
