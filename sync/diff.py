@@ -414,16 +414,74 @@ def _match(snapshot: pd.DataFrame, state: pd.DataFrame, table: pd.Index | None =
 def _fast_match(
     snapshot: tuple[U64, U64], state: tuple[U64, U64], table: pd.Index | None = None
 ) -> Ints | None:
-    """:func:`_match` on id fingerprints alone; None when they cannot settle it."""
+    """:func:`_match` on id fingerprints alone; None when they cannot settle it.
+
+    ``table`` (the state's ``_id_hash`` as an index, kept by a caller that matches often) is
+    probed directly; otherwise both sides are sorted and merged (see :func:`_merge_match`).
+    """
     (snap_hash, snap_check), (state_hash, state_check) = snapshot, state
     if table is None:
-        table = pd.Index(pd.array(state_hash, dtype="uint64"))
-    if not table.is_unique:
-        return None
-    positions = np.asarray(table.get_indexer(pd.Index(snap_hash)), dtype=np.intp)
+        positions = _merge_match(snap_hash, state_hash)
+        if positions is None:
+            return None
+    else:
+        if not table.is_unique:
+            return None
+        positions = np.asarray(table.get_indexer(pd.Index(snap_hash)), dtype=np.intp)
     found = positions >= 0
     if not np.array_equal(state_check[positions[found]], snap_check[found]):
         return None
+    return positions
+
+
+def _packed(hashes: U64, bits: int) -> tuple[U64, Ints]:
+    """Each hash's high ``64 - bits`` bits (low bits zero), sorted, and the row each came from.
+
+    The row rides in the low bits through one plain sort of ``uint64`` values, which numpy
+    vectorises: several times faster than an argsort of ten million hashes.
+    """
+    packed = hashes >> np.uint64(bits)
+    packed <<= np.uint64(bits)
+    packed |= np.arange(len(hashes), dtype=np.uint64)
+    packed.sort()
+    low = np.uint64((1 << bits) - 1)
+    rows = (packed & low).astype(np.intp)
+    packed &= ~low
+    return packed, rows
+
+
+def _merge_match(snap_hash: U64, state_hash: U64) -> Ints | None:
+    """For each snapshot hash, the state row with the same hash, or -1; None if the state
+    repeats a hash.
+
+    Both sides are sorted by their hashes' high bits and merged with a search of sorted keys,
+    which walks memory in order; a pandas hash table of ten million ``uint64`` probes memory
+    at random and took longer. Hashes whose high bits agree but whose low bits differ (a few
+    among millions) are told apart by comparing whole hashes, one step at a time.
+    """
+    bits = max(len(snap_hash), len(state_hash)).bit_length()
+    stored, stored_rows = _packed(state_hash, bits)
+    probes, probe_rows = _packed(snap_hash, bits)
+    stored_whole, probe_whole = state_hash[stored_rows], snap_hash[probe_rows]
+    twins = np.flatnonzero(stored[1:] == stored[:-1])
+    if (stored_whole[twins] == stored_whole[twins + 1]).any():
+        return None
+    last = len(stored) - 1
+    at = np.minimum(np.searchsorted(stored, probes), last)
+    hit = stored_whole[at] == probe_whole
+    found = np.where(hit, stored_rows[at], -1)
+    # A miss may still match a later entry with the same high bits.
+    pending = np.flatnonzero(~hit & (stored[at] == probes))
+    while len(pending):
+        where = at[pending] + 1
+        alike = (where <= last) & (stored[np.minimum(where, last)] == probes[pending])
+        pending, where = pending[alike], where[alike]
+        at[pending] = where
+        hit = stored_whole[where] == probe_whole[pending]
+        found[pending[hit]] = stored_rows[where[hit]]
+        pending = pending[~hit]
+    positions = np.empty(len(snap_hash), dtype=np.intp)
+    positions[probe_rows] = found
     return positions
 
 
