@@ -664,7 +664,9 @@ class _Sides:
         data[ID_HASH] = np.concatenate([snap_ids[0][rows], known_ids[0][gone]])
         data[ID_CHECK] = np.concatenate([snap_ids[1][rows], known_ids[1][gone]])
         ids = pa.concat_arrays([_ids(snap).take(pa.array(rows)), _ids(known).take(pa.array(gone))])
-        frame = pd.DataFrame(data, index=pd.Index(_text_array(ids), name=INDEX_NAME))
+        # Fresh arrays, this frame's alone: no copy (the default for a dict) needed.
+        index = pd.Index(_text_array(ids), name=INDEX_NAME)
+        frame = pd.DataFrame(data, index=index, copy=False)
         return frame[["name", "email", *self.audience_keys, *self.trait_keys, *FINGERPRINTS]]
 
     def key_stats(self) -> tuple[KeyStats, ...]:
