@@ -73,12 +73,19 @@ class LazyState:
 
 
 class RowReader:
-    """Reads rows by position from a committed Parquet file held in memory (see the module
-    docstring); ``on_error`` turns a damaged page into the store's error."""
+    """Reads rows by position from a committed Parquet file mapped in memory (see the module
+    docstring); ``on_error`` turns a damaged page into the store's error, and ``release``
+    drops the pages read so far from this process's memory (the mapping stays valid)."""
 
-    def __init__(self, data: pa.Buffer, on_error: Callable[[Exception], Exception]) -> None:
+    def __init__(
+        self,
+        data: pa.Buffer,
+        on_error: Callable[[Exception], Exception],
+        release: Callable[[], None],
+    ) -> None:
         self._data = data
         self._on_error = on_error
+        self._release = release
 
     def __call__(self, positions: Positions) -> pd.DataFrame:
         try:
@@ -99,6 +106,7 @@ class RowReader:
             if first == last:
                 continue  # no row asked for here: the group is not even decoded
             table = parquet.read_row_group(group, columns=columns)
+            self._release()
             # Keep only the rows asked for, so memory holds one row group plus the answer.
             pieces.append(table.take(pa.array(positions[first:last] - starts[group])))
         if not pieces:
