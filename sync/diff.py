@@ -310,11 +310,12 @@ def _text(frame: pd.DataFrame, column: str, rows: Ints | None = None) -> pa.Arra
         picked = codes if rows is None else np.where(rows < 0, -1, codes[np.maximum(rows, 0)])
         return categories.take(pa.array(picked, mask=picked < 0))
     values = pa.array(series.array, type=pa.string(), from_pandas=True)
+    if rows is not None:
+        # Take first: joining the chunks of a whole column first would copy every value.
+        values = values.take(pa.array(np.maximum(rows, 0), mask=rows < 0))
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
-    if rows is None:
-        return values
-    return values.take(pa.array(np.maximum(rows, 0), mask=rows < 0))
+    return values
 
 
 def _audience(frame: pd.DataFrame, column: str, rows: Ints | None = None) -> tuple[Bools, Bools]:
@@ -371,6 +372,13 @@ def _stored_id_fingerprints(frame: pd.DataFrame) -> tuple[U64, U64] | None:
     if ((stored_hash == 0) & (stored_check == 0)).any():
         return None
     return stored_hash, stored_check
+
+
+def _ids_at(frame: pd.DataFrame, rows: Ints) -> pa.Array:
+    """The ids of ``rows``, taken without first joining the id column's chunks."""
+    values = pa.array(frame.index.array, type=pa.string(), from_pandas=True)
+    taken = values.take(pa.array(rows, type=pa.int64()))
+    return taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
 
 
 def _id_fingerprints(frame: pd.DataFrame) -> tuple[U64, U64]:
@@ -663,7 +671,7 @@ class _Sides:
         snap_ids, known_ids = _id_fingerprints(snap), _id_fingerprints(known)
         data[ID_HASH] = np.concatenate([snap_ids[0][rows], known_ids[0][gone]])
         data[ID_CHECK] = np.concatenate([snap_ids[1][rows], known_ids[1][gone]])
-        ids = pa.concat_arrays([_ids(snap).take(pa.array(rows)), _ids(known).take(pa.array(gone))])
+        ids = pa.concat_arrays([_ids_at(snap, rows), _ids_at(known, gone)])
         # Fresh arrays, this frame's alone: no copy (the default for a dict) needed.
         index = pd.Index(_text_array(ids), name=INDEX_NAME)
         frame = pd.DataFrame(data, index=index, copy=False)

@@ -132,7 +132,9 @@ def hash_strings(values: pa.Array | pa.ChunkedArray, seeds: tuple[int, ...] = (0
     the empty string: callers mask them.
     """
     if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
+        # Chunk by chunk: joining the chunks first would copy every string.
+        parts = [hash_strings(chunk, seeds) for chunk in values.chunks]
+        return np.concatenate(parts, axis=1) if parts else np.empty((len(seeds), 0), np.uint64)
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
         values = values.cast(pa.large_string())
     count = len(values)
@@ -176,7 +178,7 @@ class RecordFingerprint:
     def add_strings(self, key: str, values: pa.Array | pa.ChunkedArray) -> None:
         """A text value per user (nulls add nothing); dictionary-encoded text is hashed one
         distinct value at a time, with the same result."""
-        if isinstance(values, pa.ChunkedArray):
+        if isinstance(values, pa.ChunkedArray) and pa.types.is_dictionary(values.type):
             values = values.combine_chunks()
         if values.null_count == len(values):
             return
@@ -220,7 +222,7 @@ class RecordFingerprint:
         terms = _finalise((bits ^ _salt(f"{kind}\0{key}")) * _GOLDEN)
         self._add_valid(terms, values)
 
-    def _add_valid(self, terms: U64, values: pa.Array) -> None:
+    def _add_valid(self, terms: U64, values: pa.Array | pa.ChunkedArray) -> None:
         if values.null_count:
             valid = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
             np.add(self._sum, terms, out=self._sum, where=valid)

@@ -34,7 +34,7 @@ import json
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -83,6 +83,7 @@ _RESERVED_KEYS: Final = ("name", "email")
 
 Bools = npt.NDArray[np.bool_]
 Ints = npt.NDArray[np.intp]
+Text: TypeAlias = pa.Array | pa.ChunkedArray
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -336,9 +337,14 @@ def render(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     return _python_text(array, wire_value)
 
 
-def _plain_text(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Ids, names and emails as text, as they are (no dimension rule); blank is absent."""
-    array = _flat(values)
+def _plain_text(values: pa.Array | pa.ChunkedArray, *, chunked: bool = False) -> Text:
+    """Ids, names and emails as text, as they are (no dimension rule); blank is absent.
+
+    ``chunked`` keeps text that comes in chunks (a Parquet row group each) as it is, instead
+    of copying it into one array: ids and emails are most of a snapshot's bytes.
+    """
+    keep = chunked and isinstance(values, pa.ChunkedArray) and _is_text(values.type)
+    array = values if keep else _flat(values)
     kind = array.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         text = array.cast(pa.string())
@@ -496,9 +502,9 @@ class _Invalid:
 class _Users:
     """Users (or rows) as columns: ids, name, email, and per name its members or typed values."""
 
-    ids: pa.Array
-    name: pa.Array
-    email: pa.Array
+    ids: Text
+    name: Text
+    email: Text
     audiences: dict[str, Bools]
     traits: dict[str, pa.Array]
     fingerprints: tuple[U64, U64] | None = None  # of the ids, when already computed
@@ -518,7 +524,7 @@ class _Users:
         )
 
 
-def _take(values: pa.Array, rows: Ints) -> pa.Array:
+def _take(values: Text, rows: Ints) -> Text:
     return values.take(pa.array(rows, type=pa.int64()))
 
 
@@ -567,10 +573,10 @@ def _own_columns(source: SourceSettings) -> dict[str, str]:
     return own
 
 
-def _optional_text(table: pa.Table, column: str | None) -> pa.Array:
+def _optional_text(table: pa.Table, column: str | None, *, chunked: bool = False) -> Text:
     if column is None:
         return pa.nulls(table.num_rows, pa.string())
-    return _plain_text(table.column(column))
+    return _plain_text(table.column(column), chunked=chunked)
 
 
 def _without_missing_ids(ids: pa.Array, origin: _Origin, invalid: _Invalid) -> Bools:
@@ -598,9 +604,9 @@ def _wide(files: Sequence[Path], source: SourceSettings, invalid: _Invalid) -> _
         names, source, lambda name: _looks_boolean(table.column(name), numbers=False)
     )
     rows = _Users(
-        ids=_plain_text(table.column(source.id_column)),
-        name=_optional_text(table, source.name_column),
-        email=_optional_text(table, source.email_column),
+        ids=_plain_text(table.column(source.id_column), chunked=True),
+        name=_optional_text(table, source.name_column, chunked=True),
+        email=_optional_text(table, source.email_column, chunked=True),
         audiences={
             name: _members(table.column(name), f"audience column {name!r}") for name in audiences
         },
@@ -915,5 +921,8 @@ def _is_number(kind: pa.DataType) -> bool:
     )
 
 
-def _text_array(values: pa.Array) -> pd.arrays.ArrowStringArray:
-    return pd.arrays.ArrowStringArray(pa.chunked_array([values.cast(pa.string())]))
+def _text_array(values: Text) -> pd.arrays.ArrowStringArray:
+    text = values.cast(pa.string())
+    return pd.arrays.ArrowStringArray(
+        text if isinstance(text, pa.ChunkedArray) else pa.chunked_array([text])
+    )
