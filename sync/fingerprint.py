@@ -204,23 +204,34 @@ class RecordFingerprint:
         """
         if isinstance(values, pa.ChunkedArray):
             values = values.combine_chunks()
+        valid: npt.NDArray[np.bool_] | None = None
+        if values.null_count:
+            valid = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
         if pa.types.is_boolean(values.type):
             bits = np.asarray(values.fill_null(False).to_numpy(zero_copy_only=False), np.uint64)
             kind = "bool"
         elif pa.types.is_floating(values.type):
             floats = values.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
-            bits = np.ascontiguousarray(floats).view(np.uint64).copy()
-            terms = _finalise((bits ^ _salt(f"float\0{key}")) * _GOLDEN)
-            np.add(self._sum, terms, out=self._sum, where=~np.isnan(floats))
-            return
+            bits = np.ascontiguousarray(floats).view(np.uint64)
+            valid = ~np.isnan(floats)
+            kind = "float"
         elif pa.types.is_integer(values.type):
             ints = values.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
-            bits = np.ascontiguousarray(ints).view(np.uint64).copy()
+            bits = np.ascontiguousarray(ints).view(np.uint64)
             kind = "int"
         else:
             raise TypeError(f"add_numbers takes numbers or booleans, not {values.type}")
-        terms = _finalise((bits ^ _salt(f"{kind}\0{key}")) * _GOLDEN)
-        self._add_valid(terms, values)
+        salt = _salt(f"{kind}\0{key}")
+        # A block at a time, like the string hashing: five column-sized temporaries per
+        # column were five times fresh pages at ten million users.
+        for start in range(0, len(bits), _BLOCK):
+            stop = start + _BLOCK
+            terms = _finalise((bits[start:stop] ^ salt) * _GOLDEN)
+            total = self._sum[start:stop]
+            if valid is None:
+                total += terms
+            else:
+                np.add(total, terms, out=total, where=valid[start:stop])
 
     def _add_valid(self, terms: U64, values: pa.Array | pa.ChunkedArray) -> None:
         if values.null_count:
@@ -231,6 +242,9 @@ class RecordFingerprint:
 
     def finish(self) -> U64:
         """The fingerprints; never :data:`UNKNOWN`."""
-        result = _finalise(self._sum + _RECORD_BASE)
+        result = np.empty_like(self._sum)
+        for start in range(0, len(result), _BLOCK):
+            stop = start + _BLOCK
+            result[start:stop] = _finalise(self._sum[start:stop] + _RECORD_BASE)
         result[result == UNKNOWN] = 1
         return result
