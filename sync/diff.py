@@ -44,11 +44,12 @@ listed in ``summary.new_keys``.
 
 Speed
 -----
-Snapshot and state are matched on id fingerprints with a ``uint64`` hash table (no string
-join). A matched user whose record fingerprint equals its stored ``_hash`` is unchanged without
-looking at a single value; only the others are compared value by value, and only the traits of
-users compared or sent are rendered as text. Every step is a numpy or Arrow pass over a column,
-never a Python loop over users.
+Snapshot and state are matched on id fingerprints by sorting and merging ``uint64`` arrays (no
+string join). A matched user whose record fingerprint equals its stored ``_hash`` is unchanged
+without looking at a single value; only the others are compared value by value, only their
+stored rows (and the exits') are read from a partial state, and only the traits of users
+compared or sent are rendered as text. Every step is a numpy or Arrow pass over a column, never
+a Python loop over users.
 """
 
 from __future__ import annotations

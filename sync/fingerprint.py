@@ -5,7 +5,7 @@ joining on string ids) is what makes a naive pandas diff slow, so every user car
 compact fingerprints:
 
 - an **id fingerprint** of 128 bits (two ``uint64``: ``hash`` and ``check``). The diff matches
-  snapshot users to stored users on the first word with a numpy/pandas hash table and confirms
+  snapshot users to stored users on the first word (sorting and merging both sides) and confirms
   each match with the second: two different ids agree on both with a chance of about
   ``n**2 / 2**128``, far below hardware error rates. (The caller still falls back to an exact
   string join if the first words collide.)
