@@ -468,6 +468,8 @@ def _merge_match(snap_hash: U64, state_hash: U64) -> Ints | None:
     at random and took longer. Hashes whose high bits agree but whose low bits differ (a few
     among millions) are told apart by comparing whole hashes, one step at a time.
     """
+    if len(state_hash) == 0:
+        return np.full(len(snap_hash), -1, dtype=np.intp)
     bits = max(len(snap_hash), len(state_hash)).bit_length()
     stored, stored_rows = _packed(state_hash, bits)
     probes, probe_rows = _packed(snap_hash, bits)

@@ -271,13 +271,17 @@ def test_ids_sharing_a_fingerprint_fall_back_to_an_exact_match() -> None:
 
 
 def test_fingerprints_sharing_their_high_bits_are_matched_whole() -> None:
-    """The sort-merge match tells apart hashes that differ only in their low bits."""
+    """The sort-merge match tells apart hashes differing only in their low bits, gives up on a
+    state that repeats a hash, and finds nothing in an empty state."""
     state = np.array([5 << 40 | 1, 5 << 40 | 2, 7 << 40, 9, 5 << 40 | 4], dtype=np.uint64)
     snapshot = np.array([5 << 40 | 2, 5 << 40 | 1, 5 << 40 | 3, 9, 7 << 40, 8, 5 << 40 | 4])
     positions = _merge_match(snapshot.astype(np.uint64), state)
     assert positions is not None
     assert positions.tolist() == [1, 0, -1, 3, 2, -1, 4]
     assert _merge_match(snapshot.astype(np.uint64), np.array([3, 9, 3], dtype=np.uint64)) is None
+    nothing_stored = _merge_match(snapshot.astype(np.uint64), state[:0])
+    assert nothing_stored is not None
+    assert nothing_stored.tolist() == [-1] * 7
 
 
 def test_a_state_without_fingerprints_diffs_the_same() -> None:

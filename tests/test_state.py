@@ -189,7 +189,7 @@ def test_lazy_load_reads_rows_across_row_groups(store: StateStore) -> None:
 
 
 def test_lazy_load_with_pending_checkpoints_or_no_commit_matches_load(
-    committed: StateStore, store: StateStore
+    committed: StateStore,
 ) -> None:
     """A state with checkpoints to fold in is loaded whole, so lazy rows include them."""
     committed.checkpoint(RUN_2, users_frame({"dave": {**ALICE, "_hash": 4}}))
@@ -198,7 +198,7 @@ def test_lazy_load_with_pending_checkpoints_or_no_commit_matches_load(
     assert lazy.head["_hash"].tolist() == whole["_hash"].tolist()
     pd.testing.assert_frame_equal(lazy.rows(np.arange(4, dtype=np.intp)), whole)
 
-    empty = StateStore(store.directory.parent / "none").load_lazily(HEAD)
+    empty = StateStore(committed.directory.parent / "none").load_lazily(HEAD)
     assert len(empty) == 0
 
 
