@@ -40,6 +40,7 @@ from sync.amberflo import AmberfloClient
 from sync.config import Settings
 from sync.deliver import CustomerWriter, RetryPolicy, deliver_customers, read_existing_ids
 from sync.diff import (
+    FINGERPRINTS,
     Diff,
     KnownState,
     acknowledged_rows,
@@ -102,6 +103,17 @@ def _now() -> dt.datetime:
 def _known(stored: StoredState) -> KnownState:
     return KnownState(
         users=stored.users, audience_keys=stored.audience_keys, trait_keys=stored.trait_keys
+    )
+
+
+def _partially_known(store: StateStore) -> KnownState:
+    """The state with only its fingerprints loaded: what a dry run needs (see KnownState)."""
+    lazy = store.load_lazily(FINGERPRINTS)
+    return KnownState(
+        users=lazy.head,
+        audience_keys=lazy.audience_keys,
+        trait_keys=lazy.trait_keys,
+        fetch=lazy.rows,
     )
 
 
@@ -226,7 +238,9 @@ def _finish(
 def _plan(
     settings: Settings, options: RunOptions, store: StateStore, entry: dict[str, Any]
 ) -> tuple[KnownState, Snapshot, Diff]:
-    known = _known(store.load())
+    # A dry run commits nothing, so it reads stored values only for the users it looks at;
+    # a real run needs the whole state for its commit.
+    known = _partially_known(store) if options.dry_run else _known(store.load())
     snapshot = _read(settings, known)
     result = diff(snapshot, known, full=options.full, samples=settings.report.samples)
     summary = result.summary

@@ -34,7 +34,7 @@ import json
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -83,6 +83,7 @@ _RESERVED_KEYS: Final = ("name", "email")
 
 Bools = npt.NDArray[np.bool_]
 Ints = npt.NDArray[np.intp]
+Text: TypeAlias = pa.Array | pa.ChunkedArray
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -336,9 +337,14 @@ def render(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     return _python_text(array, wire_value)
 
 
-def _plain_text(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Ids, names and emails as text, as they are (no dimension rule); blank is absent."""
-    array = _flat(values)
+def _plain_text(values: pa.Array | pa.ChunkedArray, *, chunked: bool = False) -> Text:
+    """Ids, names and emails as text, as they are (no dimension rule); blank is absent.
+
+    ``chunked`` keeps text that comes in chunks (a Parquet row group each) as it is, instead
+    of copying it into one array: ids and emails are most of a snapshot's bytes.
+    """
+    keep = chunked and isinstance(values, pa.ChunkedArray) and _is_text(values.type)
+    array = values if keep else _flat(values)
     kind = array.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         text = array.cast(pa.string())
@@ -349,7 +355,10 @@ def _plain_text(values: pa.Array | pa.ChunkedArray) -> pa.Array:
         text = pc.cast(array.cast(pa.int64()), pa.string())
     else:
         text = _python_text(array, format_value)
-    blank = pc.equal(pc.utf8_trim_whitespace(text), "")
+    # Blank (empty or only whitespace) without trimming a copy of every id first.
+    blank = pc.or_(pc.utf8_is_space(text), pc.equal(pc.binary_length(text), 0))
+    if not pc.any(blank).as_py():
+        return text
     return pc.if_else(blank, pa.scalar(None, pa.string()), text)
 
 
@@ -493,9 +502,9 @@ class _Invalid:
 class _Users:
     """Users (or rows) as columns: ids, name, email, and per name its members or typed values."""
 
-    ids: pa.Array
-    name: pa.Array
-    email: pa.Array
+    ids: Text
+    name: Text
+    email: Text
     audiences: dict[str, Bools]
     traits: dict[str, pa.Array]
     fingerprints: tuple[U64, U64] | None = None  # of the ids, when already computed
@@ -515,7 +524,7 @@ class _Users:
         )
 
 
-def _take(values: pa.Array, rows: Ints) -> pa.Array:
+def _take(values: Text, rows: Ints) -> Text:
     return values.take(pa.array(rows, type=pa.int64()))
 
 
@@ -564,10 +573,10 @@ def _own_columns(source: SourceSettings) -> dict[str, str]:
     return own
 
 
-def _optional_text(table: pa.Table, column: str | None) -> pa.Array:
+def _optional_text(table: pa.Table, column: str | None, *, chunked: bool = False) -> Text:
     if column is None:
         return pa.nulls(table.num_rows, pa.string())
-    return _plain_text(table.column(column))
+    return _plain_text(table.column(column), chunked=chunked)
 
 
 def _without_missing_ids(ids: pa.Array, origin: _Origin, invalid: _Invalid) -> Bools:
@@ -595,9 +604,9 @@ def _wide(files: Sequence[Path], source: SourceSettings, invalid: _Invalid) -> _
         names, source, lambda name: _looks_boolean(table.column(name), numbers=False)
     )
     rows = _Users(
-        ids=_plain_text(table.column(source.id_column)),
-        name=_optional_text(table, source.name_column),
-        email=_optional_text(table, source.email_column),
+        ids=_plain_text(table.column(source.id_column), chunked=True),
+        name=_optional_text(table, source.name_column, chunked=True),
+        email=_optional_text(table, source.email_column, chunked=True),
         audiences={
             name: _members(table.column(name), f"audience column {name!r}") for name in audiences
         },
@@ -613,9 +622,12 @@ def _deduplicate(rows: _Users, origin: _Origin, invalid: _Invalid) -> Ints:
     """The rows to keep: one per id; ids whose rows disagree are voided."""
     candidates = np.arange(len(rows.ids))
     assert rows.fingerprints is not None  # set by the caller
-    repeated = np.asarray(pd.Index(rows.fingerprints[0]).duplicated(keep=False), dtype=bool)
-    if not repeated.any():
+    # Sorting settles the usual case, no repeat at all, faster than a hash table of every id.
+    ordered = np.sort(rows.fingerprints[0])
+    if not (ordered[1:] == ordered[:-1]).any():
         return candidates
+    del ordered
+    repeated = np.asarray(pd.Index(rows.fingerprints[0]).duplicated(keep=False), dtype=bool)
     # Only rows whose id fingerprint repeats are compared, value by value, as rendered.
     suspects = candidates[repeated]
     some = rows.take(suspects)
@@ -847,7 +859,10 @@ def _frame(users: _Users, keys: Mapping[str, str]) -> tuple[pd.DataFrame, dict[s
         data[column] = _text_array(values)
     for name, flags in users.audiences.items():
         fingerprint.add_flag(keys[name], flags)
-        codes = np.where(flags, 1, -1).astype(np.int8)
+        # 1 ("true") for a member, -1 (absent) otherwise, made in int8 without a wider copy.
+        codes = flags.astype(np.int8)
+        codes <<= 1
+        codes -= 1
         data[keys[name]] = pd.Categorical.from_codes(codes, dtype=AUDIENCE_DTYPE)
     traits: dict[str, TraitValues] = {}
     for name, raw in users.traits.items():
@@ -856,6 +871,20 @@ def _frame(users: _Users, keys: Mapping[str, str]) -> tuple[pd.DataFrame, dict[s
             # only the users the diff compares or sends are ever rendered.
             fingerprint.add_numbers(keys[name], raw)
             traits[keys[name]] = TraitValues(raw, render, _renders_present(raw))
+        elif _is_text(raw.type) and _few_distinct(raw):
+            # Plans, tiers, product names: each distinct value is rendered and hashed once,
+            # and the column stays codes into those few words.
+            encoded = pc.dictionary_encode(raw)
+            words = render(encoded.dictionary)
+            text = pa.DictionaryArray.from_arrays(encoded.indices, words)
+            fingerprint.add_strings(keys[name], text)
+            present = (
+                _bools(encoded.indices.is_valid())
+                & _bools(words.is_valid())[
+                    np.asarray(encoded.indices.fill_null(0).to_numpy(zero_copy_only=False), np.intp)
+                ]
+            )
+            traits[keys[name]] = TraitValues(text, _decoded, present)
         else:
             text = render(raw)
             fingerprint.add_strings(keys[name], text)
@@ -863,7 +892,9 @@ def _frame(users: _Users, keys: Mapping[str, str]) -> tuple[pd.DataFrame, dict[s
     data[HASH] = fingerprint.finish()
     data[ID_HASH], data[ID_CHECK] = users.fingerprints or id_fingerprints(users.ids)
     index = pd.Index(_text_array(users.ids), name=INDEX_NAME)
-    frame = pd.DataFrame(data, index=index)
+    # Every array here is new and this frame's alone: copying them (the default for a dict)
+    # cost seconds at 10M users and a second copy of each column.
+    frame = pd.DataFrame(data, index=index, copy=False)
     return frame[["name", "email", *(keys[n] for n in users.audiences), *FINGERPRINTS]], traits
 
 
@@ -875,11 +906,23 @@ def _renders_present(values: pa.Array) -> Bools:
     return present
 
 
+def _is_text(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
+
+
+def _decoded(values: pa.Array) -> pa.Array:
+    """Wire text kept as a dictionary array, as plain text."""
+    return values.dictionary_decode()
+
+
 def _is_number(kind: pa.DataType) -> bool:
     return bool(
         pa.types.is_boolean(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind)
     )
 
 
-def _text_array(values: pa.Array) -> pd.arrays.ArrowStringArray:
-    return pd.arrays.ArrowStringArray(pa.chunked_array([values.cast(pa.string())]))
+def _text_array(values: Text) -> pd.arrays.ArrowStringArray:
+    text = values.cast(pa.string())
+    return pd.arrays.ArrowStringArray(
+        text if isinstance(text, pa.ChunkedArray) else pa.chunked_array([text])
+    )

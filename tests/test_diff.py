@@ -14,6 +14,7 @@ from sync.diff import (
     Diff,
     KnownState,
     Snapshot,
+    _merge_match,
     acknowledged_rows,
     apply_acknowledged,
     diff,
@@ -269,6 +270,20 @@ def test_ids_sharing_a_fingerprint_fall_back_to_an_exact_match() -> None:
     assert _kinds(result) == {"u2": "changed"}
 
 
+def test_fingerprints_sharing_their_high_bits_are_matched_whole() -> None:
+    """The sort-merge match tells apart hashes differing only in their low bits, gives up on a
+    state that repeats a hash, and finds nothing in an empty state."""
+    state = np.array([5 << 40 | 1, 5 << 40 | 2, 7 << 40, 9, 5 << 40 | 4], dtype=np.uint64)
+    snapshot = np.array([5 << 40 | 2, 5 << 40 | 1, 5 << 40 | 3, 9, 7 << 40, 8, 5 << 40 | 4])
+    positions = _merge_match(snapshot.astype(np.uint64), state)
+    assert positions is not None
+    assert positions.tolist() == [1, 0, -1, 3, 2, -1, 4]
+    assert _merge_match(snapshot.astype(np.uint64), np.array([3, 9, 3], dtype=np.uint64)) is None
+    nothing_stored = _merge_match(snapshot.astype(np.uint64), state[:0])
+    assert nothing_stored is not None
+    assert nothing_stored.tolist() == [-1] * 7
+
+
 def test_a_state_without_fingerprints_diffs_the_same() -> None:
     """Rows restored without fingerprints are compared value by value, with the same result."""
     rows: dict[str, Row] = {"u1": {"vip": "true", "plan": "a"}, "u2": {"cart": "true"}}
@@ -278,6 +293,25 @@ def test_a_state_without_fingerprints_diffs_the_same() -> None:
     assert _desired(with_fingerprints) == _desired(without)
     assert _kinds(with_fingerprints) == _kinds(without)
     assert with_fingerprints.summary == without.summary
+
+
+def test_a_partial_state_that_fingerprints_cannot_match_is_loaded_whole() -> None:
+    """A partial state whose id fingerprints collide is read whole and matched by exact ids."""
+    state = _synced(_snapshot({"u1": {"vip": "true"}, "u2": {"plan": "x"}}))
+    forged = state.users.copy()
+    forged["_id_hash"] = np.uint64(7)
+    asked: list[list[int]] = []
+
+    def fetch(positions: np.ndarray) -> pd.DataFrame:
+        asked.append(list(positions))
+        return forged.iloc[positions]
+
+    head = forged[["_hash", "_id_hash", "_id_check"]].reset_index(drop=True)
+    partial = KnownState(head, state.audience_keys, state.trait_keys, fetch=fetch)
+    result = diff(_snapshot({"u1": {"vip": "true"}, "u2": {"plan": "y"}}), partial)
+    assert _desired(result) == {"u2": {"plan": "y"}}
+    assert _kinds(result) == {"u2": "changed"}
+    assert asked[0] == [0, 1]
 
 
 def test_stale_fingerprints_are_refreshed_for_unchanged_users() -> None:

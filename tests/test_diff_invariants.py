@@ -11,10 +11,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import hypothesis.strategies as st
+import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from hypothesis import given, settings
 
-from sync.diff import Diff, KnownState, Snapshot, apply_acknowledged, diff
+from sync.diff import FINGERPRINTS, Diff, KnownState, Snapshot, apply_acknowledged, diff
 
 AUDIENCES = ("vip", "cart", "loyal")
 TRAITS = ("plan", "orders")
@@ -241,3 +243,47 @@ def test_dropping_a_key_leaves_it_unsent_and_unstored(
     after = apply_acknowledged(state, result, result.desired.index)
     assert "cart" not in after.users.columns
     assert diff(_snapshot(second, kept), after).summary.to_send == 0
+
+
+def _partial(state: KnownState, asked: list[int]) -> KnownState:
+    """``state`` as a dry run loads it: fingerprints only, rows fetched by position on demand
+    (each position asked for is appended to ``asked``)."""
+    users = state.users
+
+    def fetch(positions: npt.NDArray[np.intp]) -> pd.DataFrame:
+        asked.extend(int(position) for position in positions)
+        return users.iloc[positions]
+
+    head = users[list(FINGERPRINTS)].reset_index(drop=True)
+    return KnownState(head, state.audience_keys, state.trait_keys, fetch=fetch)
+
+
+@settings(max_examples=30, deadline=None)
+@given(snapshots, snapshots, st.booleans())
+def test_a_partial_state_diffs_like_the_whole_one(
+    first: dict[str, Record], second: dict[str, Record], full: bool
+) -> None:
+    """Fingerprints plus rows on demand give the same diff, reading only rows it looks at."""
+    state = _deliver_all(KnownState.empty(), _snapshot(first))
+    snapshot = _snapshot(second)
+    asked: list[int] = []
+    whole = diff(snapshot, state, full=full)
+    partial = diff(snapshot, _partial(state, asked), full=full)
+
+    pd.testing.assert_frame_equal(partial.desired, whole.desired)
+    pd.testing.assert_series_equal(partial.kinds, whole.kinds)
+    pd.testing.assert_frame_equal(partial.refreshed, whole.refreshed)
+    assert partial.summary == whole.summary
+    if not full:
+        # Stored users whose fingerprint vouches for them are never read: only the others
+        # and the exits.
+        stored_hash = state.users["_hash"]
+        snapshot_hash = snapshot.base["_hash"]
+        looked_at = {
+            user
+            for user in stored_hash.index
+            if user not in snapshot_hash.index or stored_hash[user] != snapshot_hash[user]
+        }
+        read = [str(state.users.index[position]) for position in asked]
+        assert len(read) == len(set(read))
+        assert set(read) == looked_at

@@ -470,3 +470,23 @@ def test_long_rows_without_a_key_are_invalid(tmp_path: Path) -> None:
     snapshot = _read(_write_csv(tmp_path / "s.csv", rows), layout="long")
     assert _records(snapshot) == {"u1": {"plan": "gold"}}
     assert snapshot.invalid_counts == {"missing_key": 1}
+
+
+def test_a_snapshot_in_many_row_groups_reads_as_in_one(tmp_path: Path) -> None:
+    """Ids and emails kept in their Parquet chunks give the users, fingerprints and invalid
+    rows that the same rows in one chunk give, duplicates across chunks included."""
+    rows: list[dict[str, Any]] = [
+        {"user_id": f"u{i % 37}" if i % 11 else " ", "email": f"e{i % 37}@x.io", "vip": i % 3 == 0}
+        for i in range(100)
+    ]
+    rows[50] = {**rows[13], "vip": not rows[13]["vip"]}  # a repeat of u13 that disagrees
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, tmp_path / "many.parquet", row_group_size=7)
+    pq.write_table(table, tmp_path / "one.parquet")
+    chunked = _read(tmp_path / "many.parquet", email_column="email")
+    whole = _read(tmp_path / "one.parquet", email_column="email")
+    assert pq.read_metadata(tmp_path / "many.parquet").num_row_groups > 1
+    pd.testing.assert_frame_equal(chunked.users, whole.users)
+    assert chunked.invalid_counts == whole.invalid_counts
+    assert chunked.invalid["customer_id"].tolist() == whole.invalid["customer_id"].tolist()
+    assert chunked.invalid["row"].tolist() == whole.invalid["row"].tolist()

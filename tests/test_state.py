@@ -144,6 +144,74 @@ def test_load_reads_only_the_columns_asked_for(committed: StateStore) -> None:
     assert list(state.users.index) == ["alice", "bob", "carol"]
 
 
+HEAD = ["_hash"]
+
+
+def test_lazy_load_holds_the_head_of_everyone_and_reads_rows_on_demand(
+    committed: StateStore,
+) -> None:
+    """The head columns come for every user in id order; rows by position equal load()'s."""
+    whole = committed.load().users
+    lazy = committed.load_lazily(HEAD)
+
+    assert list(lazy.head.columns) == HEAD
+    assert lazy.head["_hash"].tolist() == whole["_hash"].tolist()
+    assert (lazy.audience_keys, lazy.trait_keys, lazy.last_run) == (
+        ("vip_users",),
+        ("total_revenue",),
+        RUN_1,
+    )
+    for positions in ([0, 2], [1], [], [0, 1, 2]):
+        rows = lazy.rows(np.array(positions, dtype=np.intp))
+        pd.testing.assert_frame_equal(rows, whole.iloc[positions])
+
+
+def test_lazy_load_reads_rows_across_row_groups(store: StateStore) -> None:
+    """Rows asked for from many row groups come back in order, with their values."""
+    count = 300_000  # more than two row groups of the committed file
+    ids = [f"u{n:06d}" for n in range(count)]
+    users = pd.DataFrame(
+        {
+            "name": pd.array([f"n{n}" for n in range(count)], dtype="string"),
+            "email": pd.array([None] * count, dtype="string"),
+            "_hash": np.arange(count, dtype=np.uint64),
+        },
+        index=pd.Index(ids, dtype="string", name="user_id"),
+    )
+    store.commit(StoredState(users), RUN_1)
+    positions = np.array([0, 5, 131_071, 131_072, 200_000, count - 1], dtype=np.intp)
+
+    rows = store.load_lazily(HEAD).rows(positions)
+
+    assert rows.index.tolist() == [ids[p] for p in positions]
+    assert rows["name"].tolist() == [f"n{p}" for p in positions]
+    assert rows["_hash"].tolist() == positions.tolist()
+
+
+def test_lazy_load_with_pending_checkpoints_or_no_commit_matches_load(
+    committed: StateStore,
+) -> None:
+    """A state with checkpoints to fold in is loaded whole, so lazy rows include them."""
+    committed.checkpoint(RUN_2, users_frame({"dave": {**ALICE, "_hash": 4}}))
+    whole = committed.load().users
+    lazy = committed.load_lazily(HEAD)
+    assert lazy.head["_hash"].tolist() == whole["_hash"].tolist()
+    pd.testing.assert_frame_equal(lazy.rows(np.arange(4, dtype=np.intp)), whole)
+
+    empty = StateStore(committed.directory.parent / "none").load_lazily(HEAD)
+    assert len(empty) == 0
+
+
+def test_lazy_load_of_a_damaged_file_is_a_clear_state_error(committed: StateStore) -> None:
+    """A state file that fails its hash is refused by a lazy load as by a full one."""
+    path = committed.directory / "state.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(StateError, match="sha256"):
+        committed.load_lazily(HEAD)
+
+
 def test_table_conversion_matches_pyarrow_from_pandas() -> None:
     """The fast conversion produces exactly pyarrow's own table, metadata included."""
     users = users_frame({"alice": ALICE, "bob": BOB})

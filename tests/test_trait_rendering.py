@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from sync.config import SourceSettings
-from sync.diff import KnownState, Snapshot, apply_acknowledged, diff
+from sync.diff import FINGERPRINTS, KnownState, Snapshot, apply_acknowledged, diff
+from sync.keys import wire_value
 from sync.snapshot import read_snapshot
 
 AUDIENCES = ["VIP"]
@@ -98,3 +99,32 @@ def test_changed_users_are_sent_with_the_same_text_a_full_render_gives(tmp_path:
             assert _wire(result.desired.loc[customer_id, key]) == wanted, key
     assert result.summary.keys[1].key == "score"
     assert result.summary.keys[1].changed == 2
+
+
+def test_repetitive_text_is_rendered_and_hashed_as_plain_text(tmp_path: Path) -> None:
+    """A text trait of few distinct values, kept as codes, has the wire text, presence and
+    record fingerprints that rendering and hashing every value gives."""
+    words = ["pro", "", None, "a/b c", "free", "  "]
+    size = 5000  # enough rows for the reader to see that the values repeat
+    ids = [f"u{i}" for i in range(size)]
+    path = tmp_path / "plans.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": pa.array(ids),
+                "VIP": pa.array([i % 3 == 0 for i in range(size)]),
+                "plan": pa.array([words[i % len(words)] for i in range(size)]),
+            }
+        ),
+        path,
+    )
+    snapshot = read_snapshot(SourceSettings(path=str(path), audiences=["VIP"], traits=["plan"]), {})
+    expected = [wire_value(words[i % len(words)]) for i in range(size)]
+
+    values = snapshot.traits["plan"]
+    assert values.text().to_pylist() == expected
+    assert values.present.tolist() == [text is not None for text in expected]
+    rows = np.array([size - 1, 3, 2, 0, 3])
+    assert values.text(rows).to_pylist() == [expected[row] for row in rows]
+    plain = Snapshot.from_users(snapshot.users.drop(columns=list(FINGERPRINTS)), ["vip"], ["plan"])
+    assert plain.base["_hash"].tolist() == snapshot.base["_hash"].tolist()

@@ -9,6 +9,7 @@ import; they are loaded on first use, so that commands touching only the run log
 (:class:`RunLogs`: ``events``, ``history``) start without them.
 """
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from sync.state._jsonl import JsonlLog
@@ -16,11 +17,13 @@ from sync.state._logs import LogKind, RunLogs
 from sync.state._manifest import FORMAT_VERSION
 
 if TYPE_CHECKING:
+    from sync.state._lazy import LazyState
     from sync.state._store import StateInfo, StateStore, StoredState
 
 __all__ = [
     "FORMAT_VERSION",
     "JsonlLog",
+    "LazyState",
     "LogKind",
     "RunLogs",
     "StateInfo",
@@ -28,12 +31,17 @@ __all__ = [
     "StoredState",
 ]
 
-_STORE_NAMES = frozenset({"StateInfo", "StateStore", "StoredState"})
+# Loaded on first use: the modules that define them import pandas and pyarrow.
+_LAZY_NAMES = {
+    "LazyState": "sync.state._lazy",
+    "StateInfo": "sync.state._store",
+    "StateStore": "sync.state._store",
+    "StoredState": "sync.state._store",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _STORE_NAMES:
-        from sync.state import _store  # noqa: PLC0415 - pandas and pyarrow load here, on first use
-
-        return getattr(_store, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

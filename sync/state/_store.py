@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -73,6 +74,7 @@ from sync.state._layout import (
     check_run_id,
     way_out,
 )
+from sync.state._lazy import LazyState, RowReader
 from sync.state._lock import hold_lock
 from sync.state._logs import LogKind, RunLogs
 from sync.state._manifest import FORMAT_VERSION, Manifest, now_utc, parse_manifest
@@ -137,6 +139,17 @@ class _Committed:
     manifest: Manifest | None
     data: pa.Buffer | None
     pending: tuple[_Checkpoint, ...]
+    mapping: mmap.mmap | None = None  # what ``data`` is a view of
+
+    def release(self) -> None:
+        """Stop counting the pages of ``data`` read so far as this process's memory.
+
+        They stay in the page cache, and are mapped again if read again. A lazy load reads
+        the whole file once, a part at a time; without this every page read stayed resident
+        as long as the state was in use (a gigabyte at ten million users).
+        """
+        if self.mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self.mapping.madvise(mmap.MADV_DONTNEED)
 
 
 class StateStore:
@@ -196,6 +209,52 @@ class StateStore:
             audience_keys=audience_keys,
             trait_keys=trait_keys,
             last_run=manifest.last_run if manifest else None,
+        )
+
+    def load_lazily(self, head: Sequence[str]) -> LazyState:
+        """The committed state with the ``head`` columns of every user loaded, the rest of each
+        row read only when asked for (see :class:`LazyState`).
+
+        A state with checkpoints still to fold in (a run crashed), or whose table lacks a
+        ``head`` column, is loaded whole: :meth:`load` applies the checkpoints. Raises
+        ``StateError`` as :meth:`load` does.
+        """
+        return self._consistently(lambda committed: self._load_lazily(committed, head))
+
+    def _load_lazily(self, committed: _Committed, head: Sequence[str]) -> LazyState:
+        manifest, data = committed.manifest, committed.data
+        table = None
+        if manifest is not None and data is not None and not committed.pending:
+            table = self._parse(data, self._path(STATE_FILE), head, index=False)
+        committed.release()
+        if manifest is None or data is None or table is None or table.column_names != list(head):
+            whole = self._load(committed, None)
+            return LazyState.of_frame(
+                whole.users,
+                head,
+                audience_keys=whole.audience_keys,
+                trait_keys=whole.trait_keys,
+                last_run=whole.last_run,
+            )
+        if table.num_rows != manifest.row_count:
+            raise StateError(
+                f"{self._path(STATE_FILE)} holds {table.num_rows} users but "
+                f"{self._path(MANIFEST_FILE)} says {manifest.row_count}. "
+                f"{way_out(self.directory)}"
+            )
+
+        def damaged(exc: Exception) -> StateError:
+            return StateError(
+                f"{self._path(STATE_FILE)} cannot be read as Parquet ({exc}). "
+                f"{way_out(self.directory)}"
+            )
+
+        return LazyState(
+            head=table.to_pandas(split_blocks=True, self_destruct=True),
+            audience_keys=manifest.audience_keys,
+            trait_keys=manifest.trait_keys,
+            last_run=manifest.last_run,
+            _rows=RowReader(data, damaged, committed.release),
         )
 
     def info(self) -> StateInfo:
@@ -494,9 +553,9 @@ class StateStore:
                 )
             return _Committed(None, None, tuple(self._checkpoints()))
         manifest = parse_manifest(manifest_bytes, self._path(MANIFEST_FILE))
-        data = self._verified_bytes(manifest)
+        data, mapping = self._verified_bytes(manifest)
         pending = [c for c in self._checkpoints() if c.name.seq > manifest.checkpoint_seq]
-        return _Committed(manifest, data, tuple(pending))
+        return _Committed(manifest, data, tuple(pending), mapping)
 
     def _manifest_bytes(self) -> bytes | None:
         try:
@@ -504,8 +563,9 @@ class StateStore:
         except FileNotFoundError:
             return None
 
-    def _verified_bytes(self, manifest: Manifest) -> pa.Buffer:
-        """The committed table's bytes, checked against the manifest's size and sha256.
+    def _verified_bytes(self, manifest: Manifest) -> tuple[pa.Buffer, mmap.mmap]:
+        """The committed table's bytes, checked against the manifest's size and sha256, and
+        the memory mapping they are a view of.
 
         The file is memory-mapped: hashing pulls it into the page cache once, and Parquet then
         decodes from the same mapping instead of reading the file a second time.
@@ -517,27 +577,37 @@ class StateStore:
             try:
                 # Open first, then measure: a commit may rename the staged file at any moment,
                 # and the mapping keeps hold of whichever file was opened.
-                source = pa.memory_map(str(self._path(name)))
+                with self._path(name).open("rb") as file:
+                    size = os.fstat(file.fileno()).st_size
+                    if size != manifest.state_bytes or size == 0:
+                        problem = (
+                            f"has {size} bytes where the manifest expects {manifest.state_bytes}"
+                        )
+                        continue
+                    mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
             except FileNotFoundError:
                 problem = "is missing"
                 continue
-            size = source.size()
-            if size != manifest.state_bytes:
-                problem = f"has {size} bytes where the manifest expects {manifest.state_bytes}"
-                continue
-            data = source.read_buffer()
-            if hashlib.sha256(data).hexdigest() != manifest.content_hash:
+            data = pa.py_buffer(mapping)
+            if _sha256(mapping) != manifest.content_hash:
                 problem = "does not have the sha256 the manifest records"
                 continue
-            return data
+            return data, mapping
         raise StateError(
             f"{self._path(STATE_FILE)} {problem}: it was truncated, edited or replaced since "
             f"{self._path(MANIFEST_FILE)} was written. {way_out(self.directory)}"
         )
 
     def _parse(
-        self, data: pa.Buffer | pa.NativeFile, path: Path, columns: Sequence[str] | None
+        self,
+        data: pa.Buffer | pa.NativeFile,
+        path: Path,
+        columns: Sequence[str] | None,
+        *,
+        index: bool = True,
     ) -> pa.Table:
+        """The table in ``data``; ``columns`` only those of them that exist, and then the id
+        index too unless ``index`` is false."""
         source = pa.BufferReader(data) if isinstance(data, pa.Buffer) else data
         try:
             if columns is not None:
@@ -547,7 +617,7 @@ class StateStore:
             return pq.read_table(
                 source,
                 columns=columns,
-                use_pandas_metadata=True,
+                use_pandas_metadata=index,
                 page_checksum_verification=True,
             )
         except (pa.ArrowException, OSError) as exc:
@@ -646,6 +716,29 @@ class StateStore:
                 continue
             fsync_dir(backups)
             return candidate
+
+
+# Bytes hashed between two releases of their pages: a multiple of any page size.
+_HASH_CHUNK = 64 << 20
+
+
+def _sha256(mapping: mmap.mmap) -> str:
+    """The sha256 of a mapped file, hashed a chunk at a time.
+
+    Each chunk's pages are released once hashed (they stay in the page cache), so checking a
+    file of a gigabyte does not make a gigabyte of it count as this process's memory.
+    """
+    digest = hashlib.sha256()
+    view = memoryview(mapping)
+    try:
+        for start in range(0, len(mapping), _HASH_CHUNK):
+            digest.update(view[start : start + _HASH_CHUNK])
+            if hasattr(mmap, "MADV_DONTNEED"):
+                length = min(_HASH_CHUNK, len(mapping) - start)
+                mapping.madvise(mmap.MADV_DONTNEED, start, length)
+    finally:
+        view.release()
+    return digest.hexdigest()
 
 
 def _parquet_writer(table: pa.Table) -> Callable[[HashingWriter], None]:
