@@ -106,6 +106,20 @@ def test_ingest_accepts_every_body_shape(
     assert emulator.ingested() == stored
 
 
+def test_ingest_keeps_integers_past_64_bits_exact(
+    emulator: EmulatorHandle, api: httpx.Client
+) -> None:
+    """A 20-digit integer in an ingest body is read as the integer it is (orjson would make it
+    a float, and then not an integer at all)."""
+    millis = 12345678901234567890
+    record = (
+        f'"customerId": "c", "meterApiName": "m", "meterValue": 1, "meterTimeInMillis": {millis}'
+    )
+    response = api.post("/ingest", content=f"[{{{record}}}]".encode())
+    assert response.status_code == 200, response.text
+    assert emulator.ingested()[0]["meterTimeInMillis"] == millis
+
+
 def test_ingest_serves_both_paths_on_any_host(emulator: EmulatorHandle, api: httpx.Client) -> None:
     """/ingest and /ingest/ both work, whatever the Host header says."""
     first = api.post("/ingest", json=record())

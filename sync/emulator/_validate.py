@@ -24,8 +24,16 @@ MAX_BODY_BYTES = 10 * 1024 * 1024
 DIMENSION_PATTERN = re.compile(r"[-_ !.*'()&$@=;:+,?0-9A-Za-z]{1,200}")
 """The spec's reconstruction of Amberflo's dimension regex, for keys and values alike."""
 
-# Where orjson and json may read a number differently (see parse_json).
-_LONG_DIGITS = re.compile(rb"\d{19}")
+# Where orjson and json may read a number differently (see parse_json): a run of 19 digits.
+# Found by mapping every byte to "0" (a digit) or " " and searching: a twentieth of the cost
+# of a regular expression, which tries a match at every digit of an 18 KB ingest body.
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_LONG_DIGIT_RUN = b"0" * 19
+
+
+def _has_long_digit_run(body: bytes) -> bool:
+    return body.translate(_DIGITS_ONLY).find(_LONG_DIGIT_RUN) >= 0
+
 
 
 @functools.lru_cache(maxsize=4096)  # the same keys and values come in record after record
@@ -87,7 +95,7 @@ def parse_json(body: bytes) -> Any:
     is one with a run of 19 or more digits, because orjson turns integers beyond 64 bits into
     floats.
     """
-    if _LONG_DIGITS.search(body) is None:
+    if not _has_long_digit_run(body):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -105,7 +113,7 @@ def parse_records(body: bytes) -> list[Any]:
     # standard library; whatever it refuses (NDJSON, bad input) is read again below, which
     # says what is wrong, and so is a body with 19 digits in a row (see parse_json).
     document: Any = None
-    if _LONG_DIGITS.search(body) is None:
+    if not _has_long_digit_run(body):
         with contextlib.suppress(orjson.JSONDecodeError):
             document = orjson.loads(body)
     if type(document) is list:
