@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from sync.emulator import EmulatorHandle, EmulatorOptions, running_emulator
+from sync.emulator._validate import HttpError, _validate_record_field_by_field, validate_record
 from sync.emulator._wire import RequestParser, WireError
 from sync.errors import ConfigError
 
@@ -830,3 +831,71 @@ def test_reject_customers_must_be_a_list_of_ids(emulator: EmulatorHandle, value:
     with pytest.raises(ConfigError, match="reject_customers"):
         emulator.set_faults(reject_customers=value)
     assert emulator.faults()["reject_customers"] == []
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"customerId": "c", "meterApiName": "m", "meterValue": 1, "meterTimeInMillis": 5},
+        {
+            "customerId": "c",
+            "meterApiName": "m",
+            "meterValue": 2.5,
+            "meterTimeInMillis": 5,
+            "uniqueId": "u",
+            "dimensions": {"region": "us-east-1"},
+            "extra": 1,
+        },
+        {"customerId": " ", "meterApiName": "m", "meterValue": 1, "meterTimeInMillis": 5},
+        {"customerId": "c", "meterApiName": "m", "meterValue": True, "meterTimeInMillis": 5},
+        {
+            "customerId": "c",
+            "meterApiName": "m",
+            "meterValue": float("nan"),
+            "meterTimeInMillis": 5,
+        },
+        {"customerId": "c", "meterApiName": "m", "meterValue": 1, "meterTimeInMillis": 0},
+        {"customerId": "c", "meterApiName": "m", "meterValue": 1, "meterTimeInMillis": 5.0},
+        {
+            "customerId": "c",
+            "meterApiName": "m",
+            "meterValue": 1,
+            "meterTimeInMillis": 5,
+            "uniqueId": 7,
+        },
+        {
+            "customerId": "c",
+            "meterApiName": "m",
+            "meterValue": 1,
+            "meterTimeInMillis": 5,
+            "dimensions": {"a/b": "x"},
+        },
+        {
+            "customerId": "c",
+            "meterApiName": "m",
+            "meterValue": 1,
+            "meterTimeInMillis": 5,
+            "dimensions": {"a": 1},
+        },
+        {
+            "customerId": "c",
+            "meterApiName": "m",
+            "meterValue": 1,
+            "meterTimeInMillis": 5,
+            "dimensions": None,
+            "uniqueId": None,
+        },
+        ["not", "an", "object"],
+    ],
+)
+def test_the_quick_record_check_agrees_with_the_field_by_field_one(record: object) -> None:
+    """The usual-record fast path stores what the full check stores and refuses nothing the
+    full check accepts (and the reverse): the same record, or the same error."""
+
+    def outcome(check: Any) -> Any:
+        try:
+            return check(3, record)
+        except HttpError as exc:
+            return exc.status, exc.body
+
+    assert outcome(validate_record) == outcome(_validate_record_field_by_field)

@@ -35,7 +35,6 @@ def _has_long_digit_run(body: bytes) -> bool:
     return body.translate(_DIGITS_ONLY).find(_LONG_DIGIT_RUN) >= 0
 
 
-
 @functools.lru_cache(maxsize=4096)  # the same keys and values come in record after record
 def _dimension_text_ok(text: str) -> bool:
     return DIMENSION_PATTERN.fullmatch(text) is not None
@@ -160,6 +159,49 @@ def validate_record(index: int, raw: object) -> dict[str, Any]:
     Unknown top-level keys are dropped, as Amberflo documents. A ``null`` optional field
     (``uniqueId``, ``dimensions``) counts as absent, as Jackson reads it (inference).
     """
+    if type(raw) is dict:
+        # The usual record, valid and of the usual types, checked in one go; anything else
+        # takes the field-by-field path below, which says what is wrong.
+        customer, meter = raw.get("customerId"), raw.get("meterApiName")
+        value, millis = raw.get("meterValue"), raw.get("meterTimeInMillis")
+        unique, dimensions = raw.get("uniqueId"), raw.get("dimensions")
+        if (
+            type(customer) is str
+            and type(meter) is str
+            and customer
+            and meter
+            and not customer.isspace()
+            and not meter.isspace()
+            and ((type(value) is float and math.isfinite(value)) or type(value) is int)
+            and type(millis) is int
+            and millis > 0
+            and (unique is None or type(unique) is str)
+            and (dimensions is None or _usual_dimensions(dimensions))
+        ):
+            record: dict[str, Any] = {
+                "customerId": customer,
+                "meterApiName": meter,
+                "meterValue": value,
+                "meterTimeInMillis": millis,
+            }
+            if unique is not None:
+                record["uniqueId"] = unique
+            if dimensions is not None:
+                record["dimensions"] = dict(dimensions)
+            return record
+    return _validate_record_field_by_field(index, raw)
+
+
+def _usual_dimensions(dimensions: object) -> bool:
+    if type(dimensions) is not dict:
+        return False
+    for key, text in dimensions.items():
+        if type(text) is not str or not _dimension_text_ok(key) or not _dimension_text_ok(text):
+            return False
+    return True
+
+
+def _validate_record_field_by_field(index: int, raw: object) -> dict[str, Any]:
     where = f"record {index}"
     if not isinstance(raw, dict):
         raise ingest_error(f"{where}: must be a JSON object, got {_describe(raw)}")
