@@ -73,7 +73,7 @@ STOPPED_REASON: Final = "not sent: the run was stopped before this event was del
 _PROGRESS_EVERY: Final = 5000
 
 # Below this much input (a couple of read blocks) worker processes cost more than they save.
-_POOL_MIN_BYTES: Final = 2 << 20
+_WORKERS_MIN_BYTES: Final = 2 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +226,7 @@ def _event_workers(
     if workers < 1 or STDIN in paths:
         return nullcontext()
     size = sum(Path(path).stat().st_size for path in paths)
-    if size < _POOL_MIN_BYTES:
+    if size < _WORKERS_MIN_BYTES:
         return nullcontext()
     pool = EventWorkers(workers, delivery)
     log.info("event_workers_started", workers=workers, input_bytes=size)

@@ -1,4 +1,4 @@
-"""Mapping in worker processes (sync.event_workers): the very stream mapping here gives."""
+"""Event workers (sync.event_workers): blocks mapped and sent apart, accounted for here."""
 
 from __future__ import annotations
 
