@@ -129,8 +129,11 @@ def test_a_stop_finishes_the_blocks_given_out_and_takes_no_more(
     assert max(lines_back) < 20_000  # three blocks of about 5,000 lines, not the 40,000
 
 
-def run_events(emulator: EmulatorHandle, tmp_path: Path, source: Path, workers: int) -> Any:
-    folder = tmp_path / f"workers-{workers}"
+def events_command(
+    emulator: EmulatorHandle, folder: Path, source: Path, workers: int
+) -> tuple[list[str], dict[str, str]]:
+    """``amberflo-sync events SOURCE`` to ``emulator`` with ``workers``, its state in
+    ``folder``: the command line and its environment."""
     folder.mkdir()
     config = folder / "sync.toml"
     config.write_text(f'[state]\ndir = "state"\n[events]\nworkers = {workers}\n', "utf-8")
@@ -140,14 +143,12 @@ def run_events(emulator: EmulatorHandle, tmp_path: Path, source: Path, workers: 
         "AMBERFLO_BASE_URL": emulator.url,
         "AMBERFLO_SYNC_CONFIG": str(config),
     }
-    return subprocess.run(
-        [sys.executable, "-m", "sync", "--log-format", "json", "events", str(source)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    return [sys.executable, "-m", "sync", "--log-format", "json", "events", str(source)], env
+
+
+def run_events(emulator: EmulatorHandle, tmp_path: Path, source: Path, workers: int) -> Any:
+    argv, env = events_command(emulator, tmp_path / f"workers-{workers}", source, workers)
+    return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
 
 
 def dead_letters(folder: Path) -> list[tuple[int, str]]:
@@ -249,17 +250,9 @@ def test_ctrl_c_stops_an_events_run_with_everything_accounted_for(
     source = write_mixed(tmp_path / "in.ndjson", 40_000)
     with running_emulator(EmulatorOptions(port=0, latency_ms=20)) as emulator:
         folder = tmp_path / f"workers-{workers}"
-        folder.mkdir()
-        config = folder / "sync.toml"
-        config.write_text(f'[state]\ndir = "state"\n[events]\nworkers = {workers}\n', "utf-8")
-        env = {
-            **os.environ,
-            "AMBERFLO_API_KEY": "test-key",
-            "AMBERFLO_BASE_URL": emulator.url,
-            "AMBERFLO_SYNC_CONFIG": str(config),
-        }
+        argv, env = events_command(emulator, folder, source, workers)
         with subprocess.Popen(
-            [sys.executable, "-m", "sync", "--log-format", "json", "events", str(source)],
+            argv,
             env=env,
             cwd=ROOT,
             stdout=subprocess.PIPE,
