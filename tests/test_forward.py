@@ -374,19 +374,20 @@ def test_a_stop_dead_letters_what_was_not_sent_and_reads_no_further(
     assert emulator.ingested() == []
 
 
+def logged_run(emulator: EmulatorHandle, tmp_path: Path, *messages: object) -> list[Any]:
+    """The log entries of one real events run over ``messages``."""
+    path = ndjson(tmp_path / "in.ndjson", *messages)
+    settings = settings_for(emulator, tmp_path / "state")
+    with capture_logs() as logs:
+        forward_events(settings, [path], dry_run=False, run_id=RUN_ID, out=None)
+    return logs
+
+
 def test_one_summary_line_is_logged_with_the_counts(
     emulator: EmulatorHandle, tmp_path: Path
 ) -> None:
     """The run logs events_run_finished once, with the counts and the exit code."""
-    path = ndjson(tmp_path / "in.ndjson", track(1), "not json")
-    with capture_logs() as logs:
-        forward_events(
-            settings_for(emulator, tmp_path / "state"),
-            [path],
-            dry_run=False,
-            run_id=RUN_ID,
-            out=None,
-        )
+    logs = logged_run(emulator, tmp_path, track(1), "not json")
     finished = [entry for entry in logs if entry["event"] == "events_run_finished"]
     assert len(finished) == 1
     assert {key: finished[0][key] for key in ("read", "sent", "dead_lettered", "exit_code")} == {
@@ -402,15 +403,7 @@ def test_progress_is_logged_off_a_terminal_with_the_counts(
 ) -> None:
     """Off a terminal an events run reports its progress as log lines; the last one carries
     the final counts (messages done, dead-lettered)."""
-    path = ndjson(tmp_path / "in.ndjson", *(track(n) for n in range(12)), "not json")
-    with capture_logs() as logs:
-        forward_events(
-            settings_for(emulator, tmp_path / "state"),
-            [path],
-            dry_run=False,
-            run_id=RUN_ID,
-            out=None,
-        )
+    logs = logged_run(emulator, tmp_path, *(track(n) for n in range(12)), "not json")
     progress = [entry for entry in logs if entry["event"] == "progress"]
     assert progress
     assert {key: progress[-1][key] for key in ("operation", "done", "failed")} == {
