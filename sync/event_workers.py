@@ -28,7 +28,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Final, NamedTuple, Self, TypeAlias
 
@@ -110,15 +110,7 @@ class EventWorkers:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.workers = workers
         self.stopped_early = False
-        per_worker = max(1, delivery.concurrency // workers)
-        shared = MeterDelivery(
-            api_key=delivery.api_key,
-            base_url=delivery.base_url,
-            ingest_url=delivery.ingest_url,
-            timeout=delivery.timeout,
-            concurrency=per_worker,
-            policy=delivery.policy,
-        )
+        shared = replace(delivery, concurrency=max(1, delivery.concurrency // workers))
         # Stop signals are held back (not lost) while forking: a worker is born with them
         # blocked, so none can reach it before it has set them aside.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)

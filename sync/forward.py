@@ -488,11 +488,7 @@ class _Sender:
                 yield ref, meter
 
         def on_meter(ref: str, outcome: Outcome) -> None:
-            event = unsettled.pop(ref)
-            if outcome.ok:
-                delivered(event)
-            else:
-                _settle(event, outcome, delivered, failed)
+            _settle(unsettled.pop(ref), outcome, delivered, failed)
 
         deliver_meter_records(
             self._client,
