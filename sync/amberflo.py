@@ -52,6 +52,7 @@ import orjson
 
 from sync import __version__
 from sync.errors import AuthError, PermanentError, RetriableError
+from sync.orjson_safe import orjson_reads_exactly
 
 __all__ = ["AmberfloClient", "encode_json", "parse_retry_after"]
 
@@ -62,8 +63,6 @@ USER_AGENT = f"amberflo-sync/{__version__}"
 _MAX_MESSAGE_CHARS = 500
 _INGESTED = re.compile(r"^\s*(\d+)\s+records?\s+were\s+ingested\b", re.IGNORECASE)
 _REDACTED = "[redacted]"
-# Where orjson and json may read a number differently (see _Answer.json).
-_LONG_DIGITS = re.compile(rb"\d{19}")
 
 
 # One encoder for every call: json.dumps builds a new one whenever its options differ from the
@@ -434,7 +433,7 @@ class _Answer:
         19 or more digits, because orjson turns integers beyond 64 bits into floats: the
         result is always the standard library's.
         """
-        if _LONG_DIGITS.search(self.content) is None:
+        if orjson_reads_exactly(self.content):
             try:
                 return orjson.loads(self.content)
             except orjson.JSONDecodeError:

@@ -37,6 +37,7 @@ import orjson
 
 from sync.errors import SourceError
 from sync.events import json_type
+from sync.orjson_safe import orjson_reads_exactly
 
 __all__ = [
     "EVENT_SUFFIXES",
@@ -59,8 +60,6 @@ _UTF8_BOM: Final = b"\xef\xbb\xbf"
 _CHUNK: Final = 1 << 16
 # NDJSON is read a megabyte at a time: per-read overhead vanishes and memory stays bounded.
 _NDJSON_BLOCK: Final = 1 << 20
-_DIGITS_ONLY: Final = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
-_LONG_DIGIT_RUN: Final = b"0" * 19
 _MAX_RAW_ON_ERROR: Final = 2000
 # How close to the end of the buffer a decode error must be to mean "read more" rather than
 # "malformed": JSON's longest token that can be cut mid-way without an open string is short.
@@ -256,7 +255,7 @@ def events_of_block(block: NdjsonBlock) -> Iterator[RawEvent]:
     (``\n``, ``\r\n`` and a lone ``\r``), so line numbers are the ones an editor shows.
     """
     source = block.source
-    fast = _no_long_integers(block.data)
+    fast = orjson_reads_exactly(block.data)
     for number, line in enumerate(block.data.splitlines(), start=block.first_line):
         stripped = line.strip()
         if not stripped:
@@ -302,15 +301,6 @@ def _end_of_last_line(data: bytes) -> int:
     as the ``\n`` of its ``\r\n`` may be in the next block."""
     end = data.rfind(b"\n") + 1
     return end if end else data.rfind(b"\r", 0, len(data) - 1) + 1
-
-
-def _no_long_integers(block: bytes) -> bool:
-    """True when no run of 19 or more digits is in ``block``.
-
-    orjson reads an integer beyond 64 bits as a float, where the standard library keeps it
-    exact (a 25-digit user id would lose digits); such blocks are read the standard way.
-    """
-    return block.translate(_DIGITS_ONLY).find(_LONG_DIGIT_RUN) < 0
 
 
 def _read_all(paths: Iterable[str], stdin: BinaryIO | None) -> Iterator[RawEvent | NdjsonBlock]:

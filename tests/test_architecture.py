@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "sync.logs": set(),
     "sync.progress": set(),
     "sync.signals": set(),
+    "sync.orjson_safe": set(),
     # pure core
     "sync.keys": set(),
     "sync.fingerprint": set(),
@@ -36,10 +37,10 @@ ALLOWED: dict[str, set[str]] = {
     "sync.history": set(),
     # adapters: they do not import each other
     "sync.snapshot": BASE | {"sync.config", "sync.diff", "sync.fingerprint", "sync.keys"},
-    "sync.event_input": BASE | {"sync.events"},
-    "sync.amberflo": BASE,
+    "sync.event_input": BASE | {"sync.events", "sync.orjson_safe"},
+    "sync.amberflo": BASE | {"sync.orjson_safe"},
     "sync.state": BASE,
-    "sync.emulator": BASE,
+    "sync.emulator": BASE | {"sync.orjson_safe"},
     "sync.alerts": BASE | {"sync.config"},
     # delivery
     "sync.deliver": BASE | {"sync.amberflo"},

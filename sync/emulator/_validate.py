@@ -18,21 +18,13 @@ from typing import Any
 
 import orjson
 
+from sync.orjson_safe import orjson_reads_exactly
+
 MAX_BODY_BYTES = 10 * 1024 * 1024
 """API Gateway's payload ceiling, applied to the body on the wire and after gunzip."""
 
 DIMENSION_PATTERN = re.compile(r"[-_ !.*'()&$@=;:+,?0-9A-Za-z]{1,200}")
 """The spec's reconstruction of Amberflo's dimension regex, for keys and values alike."""
-
-# Where orjson and json may read a number differently (see parse_json): a run of 19 digits.
-# Found by mapping every byte to "0" (a digit) or " " and searching: a twentieth of the cost
-# of a regular expression, which tries a match at every digit of an 18 KB ingest body.
-_DIGITS_ONLY = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
-_LONG_DIGIT_RUN = b"0" * 19
-
-
-def _has_long_digit_run(body: bytes) -> bool:
-    return body.translate(_DIGITS_ONLY).find(_LONG_DIGIT_RUN) >= 0
 
 
 @functools.lru_cache(maxsize=4096)  # the same keys and values come in record after record
@@ -94,7 +86,7 @@ def parse_json(body: bytes) -> Any:
     is one with a run of 19 or more digits, because orjson turns integers beyond 64 bits into
     floats.
     """
-    if not _has_long_digit_run(body):
+    if orjson_reads_exactly(body):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -112,7 +104,7 @@ def parse_records(body: bytes) -> list[Any]:
     # standard library; whatever it refuses (NDJSON, bad input) is read again below, which
     # says what is wrong, and so is a body with 19 digits in a row (see parse_json).
     document: Any = None
-    if not _has_long_digit_run(body):
+    if orjson_reads_exactly(body):
         with contextlib.suppress(orjson.JSONDecodeError):
             document = orjson.loads(body)
     if type(document) is list:
