@@ -2,8 +2,8 @@
 
 Client threads, each with its own ``httpx.Client`` (one keep-alive connection), alternate a
 small ingest batch and a customer lookup for a few seconds. By default the emulator runs in its
-own process through ``serve`` (as ``amberflo-sync emulator`` runs it), so clients and server do
-not share a GIL, and its CPU time is measured: requests per CPU-second is the rate one full core
+own process (``amberflo-sync emulator``), so clients and server do not share a GIL, and its
+CPU time is measured: requests per CPU-second is the rate one full core
 of emulator would reach, whatever the clients manage. httpx costs several times more CPU per
 request than the emulator, so on a small machine the clients are the limit: spread them over
 ``--processes`` to load the emulator harder. ``--in-process`` serves from a thread of this
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import ssl
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -28,6 +26,7 @@ from dataclasses import dataclass
 
 import httpx
 import psutil
+from _emulator import emulator_process
 
 from sync.emulator import EmulatorOptions, running_emulator
 
@@ -38,21 +37,6 @@ RECORD = (
     '"meterTimeInMillis":{time},"uniqueId":"{unique}",'
     '"dimensions":{{"path":"_home","browser":"Chrome"}}}}'
 )
-SERVER_CODE = "from sync.emulator import EmulatorOptions, serve; serve(EmulatorOptions(port=0))"
-
-
-@contextmanager
-def emulator_process() -> Iterator[tuple[str, psutil.Process | None]]:
-    """``serve`` in a child process; yields its URL and the process to measure."""
-    child = subprocess.Popen([sys.executable, "-c", SERVER_CODE], stdout=subprocess.PIPE, text=True)
-    try:
-        line = child.stdout.readline() if child.stdout else ""
-        if "listening on " not in line:
-            raise RuntimeError(f"the emulator did not start: {line!r}")
-        yield line.rsplit(" ", 1)[-1].strip(), psutil.Process(child.pid)
-    finally:
-        child.terminate()
-        child.wait(timeout=10)
 
 
 @contextmanager

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from _emulator import emulator_process
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "bench-events-vs-sdk"
@@ -146,50 +147,36 @@ def main() -> None:
         return
 
     path = events_file(args.dir, args.events)
-    server_process = subprocess.Popen(
-        [sys.executable, "-m", "sync", "--log-format", "json", "emulator", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        line = server_process.stdout.readline() if server_process.stdout else ""
-        url = line.rsplit(" ", 1)[-1].strip()
-        server = psutil.Process(server_process.pid)
-        with tempfile.TemporaryDirectory() as state:
-            config = Path(state) / "sync.toml"
-            config.write_text(f'[state]\ndir = "{state}/state"\n')
-            env = {
-                **os.environ,
-                "AMBERFLO_API_KEY": API_KEY,
-                "AMBERFLO_BASE_URL": url,
-                "AMBERFLO_SYNC_CONFIG": str(config),
-            }
-            ours: list[Result] = []
-            sdk: list[Result] = []
-            for _ in range(args.runs):
-                ours.append(
-                    timed(
-                        "ours (amberflo-sync events)",
-                        [sys.executable, "-m", "sync", "--log-format", "json", "events", str(path)],
-                        env,
-                        url,
-                        server,
-                    )
+    with emulator_process() as (url, server), tempfile.TemporaryDirectory() as state:
+        config = Path(state) / "sync.toml"
+        config.write_text(f'[state]\ndir = "{state}/state"\n')
+        env = {
+            **os.environ,
+            "AMBERFLO_API_KEY": API_KEY,
+            "AMBERFLO_BASE_URL": url,
+            "AMBERFLO_SYNC_CONFIG": str(config),
+        }
+        ours: list[Result] = []
+        sdk: list[Result] = []
+        for _ in range(args.runs):
+            ours.append(
+                timed(
+                    "ours (amberflo-sync events)",
+                    [sys.executable, "-m", "sync", "--log-format", "json", "events", str(path)],
+                    env,
+                    url,
+                    server,
                 )
-                sdk.append(
-                    timed(
-                        "sdk (ThreadedProducer, defaults)",
-                        [sys.executable, __file__, "--sdk-worker", str(path), url],
-                        env,
-                        url,
-                        server,
-                    )
+            )
+            sdk.append(
+                timed(
+                    "sdk (ThreadedProducer, defaults)",
+                    [sys.executable, __file__, "--sdk-worker", str(path), url],
+                    env,
+                    url,
+                    server,
                 )
-    finally:
-        server_process.terminate()
-        server_process.wait(timeout=30)
+            )
 
     print(f"{args.events:,} track events, process start to exit, same emulator (reset between):")
     print(f"{'':34} {'seconds':>8} {'records/s':>10} {'CPU s':>6} {'emulator CPU s':>15} stored")

@@ -24,8 +24,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +34,7 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _emulator import emulator_process
 
 AUDIENCES = ("VIP Users", "Cart Abandoners", "High Intent", "Churn Risk", "Newsletter")
 PLANS = np.array(["free", "pro", "enterprise"])
@@ -86,26 +85,6 @@ def expected_customers(path: Path) -> dict[str, dict[str, Any]]:
             "traits": traits,
         }
     return expected
-
-
-@contextmanager
-def emulator() -> Iterator[tuple[str, psutil.Process]]:
-    """``amberflo-sync emulator`` on a free port; yields its URL and its process."""
-    child = subprocess.Popen(
-        [*CLI, "--log-format", "json", "emulator", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        line = child.stdout.readline() if child.stdout else ""
-        if "listening on " not in line:
-            raise RuntimeError(f"the emulator did not start: {line!r}")
-        yield line.rsplit(" ", 1)[-1].strip(), psutil.Process(child.pid)
-    finally:
-        child.terminate()
-        child.wait(timeout=30)
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -244,7 +223,7 @@ def main() -> None:
 
     snapshot = snapshot_path(args.dir, args.users)
     results = []
-    with emulator() as (url, server):
+    with emulator_process() as (url, server):
         for mode in args.modes.split(","):
             work = args.dir / f"run-{args.users}"
             result = run_mode(mode, snapshot, work=work, url=url, server=server, args=args)
