@@ -13,7 +13,8 @@ This process reads the blocks, keeps two a worker in flight and yields the resul
 order. Identify calls stay here: their windows keep one order for one customer's writes.
 Documents (JSON arrays, envelopes) are rare and are mapped here too.
 
-Workers are forked before any thread starts (the caller opens the pool first), ignore SIGINT
+Workers are forked before any thread starts but the stop watcher of ``sync.signals``, which
+holds no lock but the log's (taken across the fork by ``sync.logs``); they ignore SIGINT
 and SIGTERM (the parent decides when to stop: a block given to a worker is always finished and
 accounted for) and exit when the parent is gone.
 """
@@ -120,7 +121,8 @@ class EventWorkers:
         gc.freeze()
         try:
             # Fork: the workers start at once with everything this process imported, and
-            # nothing runs in this process but the caller's thread when they are made.
+            # nothing runs in this process but the caller's thread (and the stop watcher, idle
+            # in a read) when they are made.
             self._executor = ProcessPoolExecutor(
                 max_workers=workers,
                 mp_context=multiprocessing.get_context("fork"),

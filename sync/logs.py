@@ -9,7 +9,9 @@ kept for what a command prints on purpose (dry-run records, ``--json`` output).
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
@@ -59,6 +61,32 @@ class SecretRedactor:
 
 REDACTOR = SecretRedactor()
 
+# One lock for every log line of the process. It is held across fork(): a child forked while
+# another thread is writing a line (the stop watcher, see sync.signals) would otherwise be born
+# with it taken and hang at its own first line.
+_WRITE_LOCK = threading.Lock()
+os.register_at_fork(
+    before=_WRITE_LOCK.acquire,
+    after_in_parent=_WRITE_LOCK.release,
+    after_in_child=_WRITE_LOCK.release,
+)
+
+
+class LineWriter:
+    """structlog's final logger: writes each rendered event to ``out`` as one whole line."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+
+    def msg(self, message: str) -> None:
+        """Write ``message`` and a newline, flushed, under the process's write lock."""
+        with _WRITE_LOCK:
+            self._out.write(message + "\n")
+            self._out.flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
 
 def configure_logging(
     *, level: str = "info", json_lines: bool | None = None, stream: TextIO | None = None
@@ -85,7 +113,7 @@ def configure_logging(
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=lambda *_: LineWriter(out),
         cache_logger_on_first_use=False,
     )
     # Libraries that log through the standard library (httpx logs each request at INFO) are

@@ -20,6 +20,8 @@ import structlog
 log = structlog.get_logger(__name__)
 
 EXIT_SIGNALLED = 130
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_CLOSE = b"\0"  # not a signal number: tells the watcher the block has ended
 
 
 @contextmanager
@@ -32,17 +34,38 @@ def graceful_stop() -> Iterator[threading.Event]:
         yield stop
         return
 
-    def handle(signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if stop.is_set():
-            log.warning("stop_forced", signal=name)
-            os._exit(EXIT_SIGNALLED)
-        log.warning("stop_requested", signal=name, hint="send it again to exit at once")
-        stop.set()
+    # A Python signal handler runs in the main thread between two of its bytecodes, while that
+    # thread may hold any lock: the log's write lock (it logs every dead letter), an Event's
+    # condition. A handler that logged or set the event could wait for itself forever. So the
+    # handler only writes the signal's number to a pipe, which takes no lock, and a watcher
+    # thread does the rest.
+    read_end, write_end = os.pipe()
+    watcher = threading.Thread(
+        target=_watch, args=(read_end, stop), name="stop-watcher", daemon=True
+    )
+    watcher.start()
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    def handle(signum: int, frame: FrameType | None) -> None:
+        os.write(write_end, bytes([signum]))
+
+    previous = {sig: signal.signal(sig, handle) for sig in _STOP_SIGNALS}
     try:
         yield stop
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        os.write(write_end, _CLOSE)
+        watcher.join()
+        os.close(read_end)
+        os.close(write_end)
+
+
+def _watch(read_end: int, stop: threading.Event) -> None:
+    """Turn the signal numbers the handler writes into a stop, then an exit at once."""
+    while (received := os.read(read_end, 1)) not in (b"", _CLOSE):
+        name = signal.Signals(received[0]).name
+        if stop.is_set():
+            log.warning("stop_forced", signal=name)
+            os._exit(EXIT_SIGNALLED)
+        log.warning("stop_requested", signal=name, hint="send it again to exit at once")
+        stop.set()

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -251,18 +251,25 @@ def test_ctrl_c_stops_an_events_run_with_everything_accounted_for(
     with running_emulator(EmulatorOptions(port=0, latency_ms=20)) as emulator:
         folder = tmp_path / f"workers-{workers}"
         argv, env = events_command(emulator, folder, source, workers)
-        with subprocess.Popen(
+        run = subprocess.Popen(
             argv,
             env=env,
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
-        ) as run:
+        )
+        try:
+            deadline = time.monotonic() + 60
             while emulator.stats()["records_received"] == 0 and run.poll() is None:
-                threading.Event().wait(0.05)
+                assert time.monotonic() < deadline, "no record reached the emulator"
+                time.sleep(0.05)
             run.send_signal(signal.SIGINT)
             out, _ = run.communicate(timeout=120)
+        finally:
+            if run.poll() is None:  # hung: kill it, or the test would wait on it for ever
+                run.kill()
+                run.communicate()
     assert run.returncode == 3, out
     assert "(interrupted)" in out
     runs = (folder / "state" / "runs.jsonl").read_text("utf-8").splitlines()
