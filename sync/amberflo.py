@@ -42,10 +42,10 @@ import ssl
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, NoReturn, Self
 
 import httpx
 import orjson
@@ -54,7 +54,7 @@ from sync import __version__
 from sync.errors import AuthError, PermanentError, RetriableError
 from sync.orjson_safe import orjson_reads_exactly
 
-__all__ = ["AmberfloClient", "encode_json", "parse_retry_after"]
+__all__ = ["AmberfloClient", "PendingIngest", "encode_json", "parse_retry_after"]
 
 DEFAULT_BASE_URL = "https://app.amberflo.io"
 USER_AGENT = f"amberflo-sync/{__version__}"
@@ -63,6 +63,9 @@ USER_AGENT = f"amberflo-sync/{__version__}"
 _MAX_MESSAGE_CHARS = 500
 _INGESTED = re.compile(r"^\s*(\d+)\s+records?\s+were\s+ingested\b", re.IGNORECASE)
 _REDACTED = "[redacted]"
+_INGEST = "POST /ingest"
+_GZIPPED = {"Content-Encoding": "gzip"}
+_GZIPPED_FIELD = b"Content-Encoding: gzip\r\n"
 
 
 # One encoder for every call: json.dumps builds a new one whenever its options differ from the
@@ -242,28 +245,55 @@ class AmberfloClient:
         """
         if not records:
             return 0
-        # mtime=0 keeps the gzip header free of a timestamp, so a retry is byte-identical.
-        # Level 1: a sixth of level 9's CPU for a body a quarter larger (18 KB of records
-        # become 1.4 KB instead of 1.1 KB): compressing was a seventh of an ingest request.
-        content = gzip.compress(b"[" + b",".join(records) + b"]", compresslevel=1, mtime=0)
         response = self._send(
             "POST",
             f"{self._ingest_url}/ingest",
-            "POST /ingest",
-            content=content,
-            headers={"Content-Encoding": "gzip"},
+            _INGEST,
+            content=_ingest_body(records),
+            headers=_GZIPPED,
         )
-        # The answer is ASCII text: decoding it directly skips httpx's charset detection, which
-        # cost a twentieth of the client's CPU per ingest request.
-        match = _INGESTED.match(response.content.decode("utf-8", "replace"))
-        if match is None:
-            raise _unexpected(response, "POST /ingest", "no 'N records were ingested' answer")
-        count = int(match.group(1))
-        if count != len(records):
-            raise _unexpected(
-                response, "POST /ingest", f"{len(records)} records sent, {count} acknowledged"
+        return _ingested(response, len(records))
+
+    @property
+    def pipelines_ingest(self) -> bool:
+        """Whether :meth:`start_ingest` puts a request on the wire at once (the direct path).
+
+        Through httpx it cannot: the request would be made only when its result is asked for.
+        """
+        return self._direct is not None
+
+    def start_ingest(self, records: Sequence[bytes]) -> PendingIngest:
+        """Send what :meth:`ingest_encoded` sends, now, and read the answer later.
+
+        One thread can so keep several ingest requests on the wire, each on its own
+        connection, with no thread per request: the events path's workers map the next batch
+        while Amberflo reads the last. :meth:`PendingIngest.result` returns or raises exactly
+        what :meth:`ingest_encoded` would. Without :attr:`pipelines_ingest` the whole request
+        is made by ``result()``.
+        """
+        if self._direct is None or not records:
+            return PendingIngest(lambda: self.ingest_encoded(records))
+        direct = self._direct
+        try:
+            sent = direct.send(
+                "POST",
+                f"{self._ingest_url}/ingest",
+                query="",
+                content=_ingest_body(records),
+                headers=_GZIPPED_FIELD,
             )
-        return count
+        except httpx.TransportError as exc:
+            failure = self._transport_error(exc, _INGEST)
+            return PendingIngest(lambda: _raise(failure))
+
+        def answer() -> int:
+            try:
+                response = direct.answer(sent)
+            except httpx.TransportError as exc:
+                raise self._transport_error(exc, _INGEST) from exc
+            return _ingested(self._checked(response, _INGEST), len(records))
+
+        return PendingIngest(answer)
 
     # -- the one place where failures are mapped -------------------------------------------
 
@@ -296,11 +326,17 @@ class AmberfloClient:
                 ),
             )
         except httpx.TransportError as exc:
-            # httpx puts the URL, never headers, in its messages; redact anyway as a backstop.
-            detail = self._redact(str(exc)) or type(exc).__name__
-            raise RetriableError(
-                f"{endpoint}: {type(exc).__name__}: {detail}", status=None, endpoint=endpoint
-            ) from exc
+            raise self._transport_error(exc, endpoint) from exc
+        return self._checked(answer, endpoint)
+
+    def _transport_error(self, exc: httpx.TransportError, endpoint: str) -> RetriableError:
+        # httpx puts the URL, never headers, in its messages; redact anyway as a backstop.
+        detail = self._redact(str(exc)) or type(exc).__name__
+        return RetriableError(
+            f"{endpoint}: {type(exc).__name__}: {detail}", status=None, endpoint=endpoint
+        )
+
+    def _checked(self, answer: _Answer, endpoint: str) -> _Answer:
         if not 200 <= answer.status_code < 300:
             raise self._status_error(answer, endpoint)
         return answer
@@ -353,6 +389,44 @@ class AmberfloClient:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, _REDACTED)
+
+
+class PendingIngest:
+    """An ingest request sent by :meth:`AmberfloClient.start_ingest`; its answer is read once,
+    by :meth:`result`."""
+
+    __slots__ = ("_answer",)
+
+    def __init__(self, answer: Callable[[], int]) -> None:
+        self._answer = answer
+
+    def result(self) -> int:
+        """Read the answer: the records acknowledged, or the error ``ingest_encoded`` raises."""
+        return self._answer()
+
+
+def _ingest_body(records: Sequence[bytes]) -> bytes:
+    # mtime=0 keeps the gzip header free of a timestamp, so a retry is byte-identical.
+    # Level 1: a sixth of level 9's CPU for a body a quarter larger (18 KB of records
+    # become 1.4 KB instead of 1.1 KB): compressing was a seventh of an ingest request.
+    return gzip.compress(b"[" + b",".join(records) + b"]", compresslevel=1, mtime=0)
+
+
+def _ingested(response: _Answer, sent: int) -> int:
+    """The count in Amberflo's ``N records were ingested``, which must be ``sent``."""
+    # The answer is ASCII text: decoding it directly skips httpx's charset detection, which
+    # cost a twentieth of the client's CPU per ingest request.
+    match = _INGESTED.match(response.content.decode("utf-8", "replace"))
+    if match is None:
+        raise _unexpected(response, _INGEST, "no 'N records were ingested' answer")
+    count = int(match.group(1))
+    if count != sent:
+        raise _unexpected(response, _INGEST, f"{sent} records sent, {count} acknowledged")
+    return count
+
+
+def _raise(error: Exception) -> NoReturn:
+    raise error
 
 
 def _amberflo_message(response: _Answer) -> str:
@@ -483,6 +557,14 @@ class _Target:
         self.start = f"Host: {host}\r\n".encode("ascii")
 
 
+class _Sent(NamedTuple):
+    """A request on the wire: its connection, whose answer is still to be read."""
+
+    origin: _Origin
+    sock: socket.socket
+    method: str
+
+
 class _DirectPool:
     """HTTP/1.1 on plain (or TLS) sockets, with keep-alive connections per origin.
 
@@ -521,6 +603,18 @@ class _DirectPool:
     ) -> _Answer:
         """Send one request (``headers``: extra header fields, each ending in CRLF) and read
         its whole answer."""
+        return self.answer(self.send(method, url, query=query, content=content, headers=headers))
+
+    def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        query: str,
+        content: bytes | None,
+        headers: bytes,
+    ) -> _Sent:
+        """Write one request on a connection of its own; :meth:`answer` reads the answer."""
         if self._closed:
             raise RuntimeError("Cannot send a request, as the client has been closed.")
         target = self._targets.get(url)
@@ -542,6 +636,11 @@ class _DirectPool:
         except OSError as exc:
             sock.close()
             raise httpx.WriteError(f"sending the request failed: {exc}") from exc
+        return _Sent(target.origin, sock, method)
+
+    def answer(self, sent: _Sent) -> _Answer:
+        """Read the whole answer to a request :meth:`send` wrote; free its connection."""
+        origin, sock, method = sent
         try:
             answer, keep = _read_answer(sock, method)
         except TimeoutError as exc:
@@ -554,7 +653,7 @@ class _DirectPool:
             sock.close()
             raise httpx.ReadError(f"connection failed: {exc}") from exc
         if keep:
-            self._release(target.origin, sock)
+            self._release(origin, sock)
         else:
             sock.close()
         return answer

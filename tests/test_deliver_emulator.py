@@ -6,10 +6,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from structlog.testing import capture_logs
 
-from sync.amberflo import AmberfloClient
+from sync.amberflo import AmberfloClient, encode_json
 from sync.deliver import (
     CustomerWriter,
     RetryPolicy,
@@ -19,7 +20,7 @@ from sync.deliver import (
     read_existing_ids,
 )
 from sync.emulator import EmulatorHandle, EmulatorOptions, running_emulator
-from sync.errors import AuthError
+from sync.errors import AuthError, DeliveryError, PermanentError, RetriableError
 from sync.model import CustomerRecord, Outcome
 
 # No waiting between retries (except where a Retry-After says otherwise), many attempts so a
@@ -145,6 +146,81 @@ def test_one_invalid_record_does_not_keep_the_others_out(emulator: EmulatorHandl
     assert sorted(r["uniqueId"] for r in emulator.ingested()) == sorted(
         f"msg-{i}" for i in range(10) if i != 4
     )
+
+
+def client_ends(emulator: EmulatorHandle) -> list[Any]:
+    """This process's open TCP connections to ``emulator`` (their local ends)."""
+    port = int(emulator.url.rsplit(":", 1)[1])
+    return [
+        conn.laddr
+        for conn in psutil.Process().net_connections("tcp")
+        if conn.raddr and conn.raddr.port == port
+    ]
+
+
+def test_meter_batches_go_out_several_at_a_time_on_at_most_concurrency_connections() -> None:
+    """Forty slow batches at concurrency 3 use exactly three connections: the client keeps
+    three requests on the wire (fewer would need fewer), and never opens a fourth."""
+    with running_emulator(EmulatorOptions(port=0, latency_ms=20)) as emulator:
+        records = [(f"e:{i}", meter(i)) for i in range(400)]
+        outcomes, on_outcome = collect()
+        with client_for(emulator) as client:
+            summary = deliver_meter_records(
+                client, records, batch_size=10, concurrency=3, on_outcome=on_outcome
+            )
+            assert len(client_ends(emulator)) == 3
+        assert (summary.delivered, summary.failed) == (400, 0)
+        assert all(outcome.ok for outcome in outcomes.values())
+        assert len(outcomes) == 400
+        assert len(emulator.ingested()) == 400
+        assert emulator.stats()["requests_total"] == 40
+
+
+def failure_of(call: Any) -> DeliveryError:
+    with pytest.raises(DeliveryError) as caught:
+        call()
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("faults", "records", "kind", "statuses"),
+    [
+        ({"rate_5xx": 1.0}, [meter(1)], RetriableError, {500, 502, 503}),
+        ({"rate_429": 1.0, "retry_after": 7}, [meter(1)], RetriableError, {429}),
+        ({"rate_drop": 1.0}, [meter(1)], RetriableError, {None}),
+        ({}, [meter(1), meter(2, url="https://x")], PermanentError, {400}),
+    ],
+)
+def test_a_request_sent_ahead_fails_as_the_same_request_made_at_once(
+    seeded: EmulatorHandle,
+    faults: dict[str, float],
+    records: list[dict[str, Any]],
+    kind: type[DeliveryError],
+    statuses: set[int | None],
+) -> None:
+    """start_ingest's answer, read later, raises what ingest_encoded raises for the same
+    batch: the same error class, status, Retry-After and message."""
+    seeded.set_faults(**faults)
+    encoded = [encode_json(record) for record in records]
+    with client_for(seeded) as client:
+        assert client.pipelines_ingest
+        ahead = failure_of(client.start_ingest(encoded).result)
+        at_once = failure_of(lambda: client.ingest_encoded(encoded))
+    for error in (ahead, at_once):
+        assert type(error) is kind
+        assert error.status in statuses
+        assert error.endpoint == "POST /ingest"
+    assert (ahead.retry_after, str(ahead)) == (at_once.retry_after, str(at_once))
+    assert seeded.ingested() == []
+
+
+def test_requests_sent_ahead_are_all_answered_and_stored(emulator: EmulatorHandle) -> None:
+    """Several ingest requests written before any answer is read each get their own answer."""
+    batches = [[encode_json(meter(10 * b + i)) for i in range(b + 1)] for b in range(5)]
+    with client_for(emulator) as client:
+        pending = [client.start_ingest(batch) for batch in batches]
+        assert [p.result() for p in pending] == [1, 2, 3, 4, 5]
+    assert len(emulator.ingested()) == 15
 
 
 def test_under_a_30_percent_fault_rate_nothing_is_lost_or_duplicated(
@@ -273,3 +349,18 @@ def test_a_merge_run_with_the_listing_reads_only_the_customers_that_exist(
     for record in records:
         expected = merged_customer(existing.get(record.customer_id, {}), record)
         assert {key: stored[record.customer_id].get(key) for key in expected} == expected
+
+
+def test_through_httpx_a_request_started_ahead_is_made_when_its_result_is_asked() -> None:
+    """Through httpx (a proxy, a test transport) nothing can be put on the wire ahead: the
+    client says so, and start_ingest's result() makes the whole request."""
+    with running_emulator(EmulatorOptions(port=0)) as emulator:
+        client = AmberfloClient(
+            api_key="test-key", base_url=emulator.url, transport=httpx.HTTPTransport()
+        )
+        with client:
+            assert not client.pipelines_ingest
+            pending = client.start_ingest([encode_json(meter(1)), encode_json(meter(2))])
+            assert emulator.ingested() == []
+            assert pending.result() == 2
+        assert len(emulator.ingested()) == 2
