@@ -18,6 +18,7 @@ rather than bill twice. That is also why no rule ever looks at the clock.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -25,8 +26,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from json.encoder import encode_basestring
 from typing import Any, Final, NamedTuple, TypeAlias
+
+import orjson
 
 from sync.keys import dimension_safe, format_value, wire_value
 from sync.model import CustomerRecord
@@ -50,11 +52,12 @@ _ONE_MS: Final = timedelta(milliseconds=1)
 _TIMESTAMP_FIELDS: Final = ("timestamp", "originalTimestamp", "receivedAt")
 _SKIPPED_TYPES: Final = frozenset({"group", "alias"})
 _MAPPED_TYPES: Final = frozenset({"page", "screen", "track", "identify"})
-# A JSON string exactly as sync.amberflo.encode_json writes it: this is the function the
-# standard encoder itself calls for a string when ensure_ascii=False.
-_quote: Final = encode_basestring
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _MAX_SHOWN_VALUE: Final = 60
+# Python writes a float in this range (and zero) without an exponent, as orjson does; outside
+# it the two differ ("1e-05" against "1e-5").
+_PLAIN_FLOATS_FROM: Final = 1e-4
+_PLAIN_FLOATS_TO: Final = 1e16
 
 
 class MeterEvent(NamedTuple):
@@ -93,23 +96,18 @@ class MeterEvent(NamedTuple):
         """
         value = self.meter_value
         if (
-            type(value) is not float
-            or not math.isfinite(value)
-            or type(self.meter_time_ms) is not int
+            type(value) is float
+            and (_PLAIN_FLOATS_FROM <= abs(value) < _PLAIN_FLOATS_TO or value == 0.0)
+            and type(self.meter_time_ms) is int
         ):
-            # Shapes map_message never makes (an int value, NaN) take the general encoder,
-            # with its output and its errors.
-            return _ENCODER.encode(self.as_record()).encode()
-        text = (
-            f'{{"uniqueId":{_quote(self.unique_id)},"customerId":{_quote(self.customer_id)},'
-            f'"meterApiName":{_quote(self.meter_api_name)},'
-            f'"meterValue":{float.__repr__(value)},'
-            f'"meterTimeInMillis":{int.__repr__(self.meter_time_ms)}'
-        )
-        if self.dimensions:
-            pairs = ",".join([f"{_quote(key)}:{_quote(value)}" for key, value in self.dimensions])
-            text = f'{text},"dimensions":{{{pairs}}}'
-        return f"{text}}}".encode()
+            # orjson writes such a record in a third of the time, with the very bytes of the
+            # standard encoder: the same escapes, and the same digits for a float written
+            # without an exponent (tests/test_events.py compares them).
+            with contextlib.suppress(orjson.JSONEncodeError):
+                return orjson.dumps(self.as_record())
+        # Other numbers (an exponent, an int value, NaN), text orjson refuses (a lone
+        # surrogate) and 64-bit overflows take the standard encoder, with its output and errors.
+        return _ENCODER.encode(self.as_record()).encode()
 
 
 @dataclass(frozen=True, slots=True)

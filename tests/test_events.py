@@ -476,6 +476,19 @@ def test_odd_records_encode_or_fail_as_the_client_would(meter: MeterEvent) -> No
     assert got == expected
 
 
+@pytest.mark.parametrize(
+    "value",
+    [0.0, -0.0, 1e-4, 9.9999e-5, 1e-5, 0.1, 2.5, -3.75, 1e15, 9999999999999998.0, 1e16, 1e300],
+)
+def test_values_on_either_side_of_the_exponent_boundary_encode_as_the_client_would(
+    value: float,
+) -> None:
+    """Where Python starts writing floats with an exponent (below 1e-4, from 1e16), the
+    record's bytes still equal encode_json's."""
+    meter = MeterEvent("m", "u", "api", value, MS, (("zoë", "a\u2028b"),))
+    assert meter.as_json() == encode_json(meter.as_record())
+
+
 def test_mapping_events_loads_neither_pandas_nor_numpy() -> None:
     """Reading and mapping events, numbers and lists included, never imports pandas, numpy
     or pyarrow: the events command would pay for their import on every run."""
