@@ -18,7 +18,6 @@ rather than bill twice. That is also why no rule ever looks at the clock.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -94,17 +93,29 @@ class MeterEvent(NamedTuple):
         Raises ``ValueError`` where ``encode_json`` would: a value that is not finite, or text
         that cannot be UTF-8 (a lone surrogate).
         """
-        value = self.meter_value
+        unique_id, customer_id, meter, value, millis, dimensions = self
         if (
             type(value) is float
             and (_PLAIN_FLOATS_FROM <= abs(value) < _PLAIN_FLOATS_TO or value == 0.0)
-            and type(self.meter_time_ms) is int
+            and type(millis) is int
         ):
-            # orjson writes such a record in a third of the time, with the very bytes of the
+            # orjson writes such a record in half the time, with the very bytes of the
             # standard encoder: the same escapes, and the same digits for a float written
-            # without an exponent (tests/test_events.py compares them).
-            with contextlib.suppress(orjson.JSONEncodeError):
-                return orjson.dumps(self.as_record())
+            # without an exponent (tests/test_events.py compares them). The record is spelled
+            # out rather than taken from as_record: a call less per event.
+            record = {
+                "uniqueId": unique_id,
+                "customerId": customer_id,
+                "meterApiName": meter,
+                "meterValue": value,
+                "meterTimeInMillis": millis,
+            }
+            if dimensions:
+                record["dimensions"] = dict(dimensions)
+            try:
+                return orjson.dumps(record)
+            except orjson.JSONEncodeError:
+                pass
         # Other numbers (an exponent, an int value, NaN), text orjson refuses (a lone
         # surrogate) and 64-bit overflows take the standard encoder, with its output and errors.
         return _ENCODER.encode(self.as_record()).encode()
