@@ -24,7 +24,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple, TypeAlias
 
 import orjson
@@ -47,7 +47,6 @@ DESTINATION: Final = "Amberflo"
 """The destination's name in a message's ``integrations`` object (Segment's catalog name)."""
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_MS: Final = timedelta(milliseconds=1)
 _TIMESTAMP_FIELDS: Final = ("timestamp", "originalTimestamp", "receivedAt")
 _SKIPPED_TYPES: Final = frozenset({"group", "alias"})
 _MAPPED_TYPES: Final = frozenset({"page", "screen", "track", "identify"})
@@ -331,7 +330,7 @@ def _millis(message: Mapping[str, Any]) -> int | Rejected:
         else:
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=UTC)
-            millis: int = (parsed - _EPOCH) // _ONE_MS
+            millis = _epoch_millis(parsed)
             if millis > 0:
                 return millis
     problems: list[str] = []
@@ -343,7 +342,7 @@ def _millis(message: Mapping[str, Any]) -> int | Rejected:
         if parsed_or_none is None:
             problems.append(f"{field} is not an ISO 8601 time: {_show(raw)}")
             continue
-        millis = (parsed_or_none - _EPOCH) // _ONE_MS
+        millis = _epoch_millis(parsed_or_none)
         if millis <= 0:
             problems.append(f"{field} is not after 1970: {_show(raw)}")
             continue
@@ -351,6 +350,13 @@ def _millis(message: Mapping[str, Any]) -> int | Rejected:
     if problems:
         return Rejected(problems[0])
     return Rejected("message has no timestamp")
+
+
+def _epoch_millis(moment: datetime) -> int:
+    """Whole milliseconds since 1970 (floored, as ``// timedelta(milliseconds=1)`` would be):
+    from the difference's fields, a third of the cost of dividing one timedelta by another."""
+    since = moment - _EPOCH
+    return since.days * 86_400_000 + since.seconds * 1000 + since.microseconds // 1000
 
 
 def _parse_iso(value: object) -> datetime | None:

@@ -7,6 +7,7 @@ import math
 import string
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -487,6 +488,21 @@ def test_values_on_either_side_of_the_exponent_boundary_encode_as_the_client_wou
     record's bytes still equal encode_json's."""
     meter = MeterEvent("m", "u", "api", value, MS, (("zoë", "a\u2028b"),))
     assert meter.as_json() == encode_json(meter.as_record())
+
+
+@given(st.datetimes(timezones=st.just(UTC)))
+def test_a_timestamp_becomes_its_floored_milliseconds_since_1970(moment: datetime) -> None:
+    """Any time of any year, before 1970 too, maps to floor((t - 1970) / 1 ms), the exact
+    integer arithmetic of timedeltas."""
+    expected = (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+    stamp = moment.isoformat()
+    mapped = map_message(msg(timestamp=stamp))
+    if expected > 0:
+        assert isinstance(mapped, MeterEvent)
+        assert mapped.meter_time_ms == expected
+    else:
+        assert isinstance(mapped, Rejected)
+        assert "after 1970" in mapped.reason
 
 
 def test_mapping_events_loads_neither_pandas_nor_numpy() -> None:
