@@ -8,7 +8,6 @@ unknown), only the status codes and the ``errorMessage``/``message`` keys are mo
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import re
@@ -27,9 +26,19 @@ DIMENSION_PATTERN = re.compile(r"[-_ !.*'()&$@=;:+,?0-9A-Za-z]{1,200}")
 """The spec's reconstruction of Amberflo's dimension regex, for keys and values alike."""
 
 
-@functools.lru_cache(maxsize=4096)  # the same keys and values come in record after record
+# The same keys and values come in record after record: each is matched once. A plain dict
+# (emptied when full) is read several times faster than an lru_cache wrapper is called.
+_TEXT_OK: dict[str, bool] = {}
+_TEXT_OK_SIZE = 65536
+
+
 def _dimension_text_ok(text: str) -> bool:
-    return DIMENSION_PATTERN.fullmatch(text) is not None
+    known = _TEXT_OK.get(text)
+    if known is None:
+        if len(_TEXT_OK) >= _TEXT_OK_SIZE:
+            _TEXT_OK.clear()
+        known = _TEXT_OK[text] = DIMENSION_PATTERN.fullmatch(text) is not None
+    return known
 
 
 SERVER_OWNED_CUSTOMER_FIELDS = frozenset({"id", "createTime", "updateTime"})
@@ -170,6 +179,10 @@ def validate_record(index: int, raw: object) -> dict[str, Any]:
             and (unique is None or type(unique) is str)
             and (dimensions is None or _usual_dimensions(dimensions))
         ):
+            if len(raw) == 4 + (unique is not None) + (dimensions is not None):
+                # Only known keys, none null: the record is stored as parsed (the body's
+                # parser made it, nobody else holds it), without a copy.
+                return raw
             record: dict[str, Any] = {
                 "customerId": customer,
                 "meterApiName": meter,
@@ -187,8 +200,17 @@ def validate_record(index: int, raw: object) -> dict[str, Any]:
 def _usual_dimensions(dimensions: object) -> bool:
     if type(dimensions) is not dict:
         return False
+    known = _TEXT_OK
     for key, text in dimensions.items():
-        if type(text) is not str or not _dimension_text_ok(key) or not _dimension_text_ok(text):
+        if type(text) is not str:
+            return False
+        # The cache read inline: two calls fewer per dimension of every record.
+        key_ok, text_ok = known.get(key), known.get(text)
+        if key_ok is None:
+            key_ok = _dimension_text_ok(key)
+        if text_ok is None:
+            text_ok = _dimension_text_ok(text)
+        if not (key_ok and text_ok):
             return False
     return True
 
