@@ -28,7 +28,8 @@ def sort_order(ids: pa.Array) -> npt.NDArray[np.intp]:
     if ids.null_count or not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
         return np.asarray(pc.sort_indices(ids), dtype=np.intp)
     key = _prefix_key(ids)
-    order = np.argsort(key, kind="stable").astype(np.intp)
+    # No stable sort needed: ids with equal keys are sorted again below, by id then position.
+    order = np.argsort(key).astype(np.intp)
     ranked = key[order]
     tie = ranked[1:] == ranked[:-1]
     if not tie.any():

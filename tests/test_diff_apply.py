@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from sync.config import SourceSettings
@@ -154,3 +156,37 @@ def test_initial_state_of_a_read_snapshot_keeps_typed_traits_and_leaves_invalid_
     folded = apply_acknowledged(KnownState.empty(), result, result.desired.index)
     pd.testing.assert_frame_equal(direct.users, folded.users)
     assert list(direct.users.index) == sorted(direct.users.index)
+
+
+def test_initial_state_renders_float_traits_as_the_slow_path_does(tmp_path: Path) -> None:
+    """Floats rendered once per distinct value keep -0.0, NaN, nulls and exponents exact."""
+    rng = np.random.default_rng(7)
+    size = 5000
+    special = [0.0, -0.0, float("nan"), None, 1e16, 1e-7, 0.1, 2.0, -3.5, 123456789.125]
+    scores = [
+        special[n] if n < len(special) else float(rng.integers(0, 50)) / 8 for n in range(size)
+    ]
+    amounts = [None if n % 11 == 0 else float(rng.normal(100, 40)) for n in range(size)]
+    path = tmp_path / "floats.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": [f"u{n * 7919 % 100003}" for n in range(size)],
+                "vip": [n % 3 == 0 for n in range(size)],
+                "score": pa.array(scores, pa.float64()),
+                "amount": pa.array(amounts, pa.float32()),
+            }
+        ),
+        path,
+    )
+    snap = read_snapshot(SourceSettings(path=str(path), audiences=["vip"]), {})
+    result = diff(snap, KnownState.empty())
+
+    direct = initial_state(snap)
+
+    folded = apply_acknowledged(KnownState.empty(), result, result.desired.index)
+    pd.testing.assert_frame_equal(direct.users, folded.users)
+    score = direct.users["score"]
+    assert (score["u0"], score["u7919"], score["u31676"]) == ("0.0", "-0.0", "1e+16")
+    assert pd.isna(score["u15838"])
+    assert pd.isna(score["u23757"])

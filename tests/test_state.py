@@ -21,7 +21,7 @@ import pytest
 from sync.errors import LockHeldError, StateError
 from sync.state import FORMAT_VERSION, StateStore, StoredState
 from sync.state._atomic import atomic_write, atomic_write_bytes
-from sync.state._frames import decode_categories, encode_categories, to_table
+from sync.state._frames import decode_categories, encode_categories, to_coded_table, to_table
 
 RUN_1 = "20250101T000000Z-aaaaaa"
 RUN_2 = "20250102T000000Z-bbbbbb"
@@ -228,6 +228,29 @@ def test_categoricals_are_stored_as_codes_and_decoded_exactly() -> None:
     assert encoded.column("vip_users").to_pylist() == [1, -1, 0]
     assert encoded.column("kind").to_pylist() == [1, 0, -1]
     assert decode_categories(encoded).equals(table, check_metadata=True)
+
+
+@pytest.mark.parametrize("order", [["alice", "bob", "carol"], ["carol", "alice", "bob"]])
+def test_coded_conversion_is_the_encoded_conversion(order: list[str]) -> None:
+    """Made from category codes, sorted or not, the table is pyarrow's conversion encoded."""
+    rows = {"alice": ALICE, "bob": BOB, "carol": CAROL}
+    users = users_frame({name: rows[name] for name in order})
+    users["kind"] = pd.Categorical(["x", "y", None], categories=["y", "x"], ordered=True)
+    users["size"] = pd.Categorical([3, None, 1])  # not text: stays a dictionary
+    coded = to_coded_table(users)
+    assert coded.equals(encode_categories(to_table(users)), check_metadata=True)
+    assert coded.column("user_id").to_pylist() == ["alice", "bob", "carol"]
+    assert pa.types.is_dictionary(coded.schema.field("size").type)
+
+
+def test_encoding_a_coded_table_keeps_its_codes_and_adds_new_ones() -> None:
+    """A column added after coding (the store's ``_last_run``) is coded alongside the others."""
+    users = users_frame({"alice": ALICE, "bob": BOB, "carol": CAROL})
+    runs = pa.array(["r1", None, "r2"]).dictionary_encode()
+    stamped = to_table(users).append_column("_last_run", runs)
+    fast = to_coded_table(users).append_column("_last_run", runs)
+    assert encode_categories(fast).equals(encode_categories(stamped), check_metadata=True)
+    assert decode_categories(encode_categories(fast)).equals(stamped, check_metadata=True)
 
 
 @pytest.mark.parametrize(

@@ -51,8 +51,8 @@ from sync.state._frames import (
     empty_users,
     encode_categories,
     index_column,
+    to_coded_table,
     to_frame,
-    to_table,
     upsert,
 )
 from sync.state._jsonl import JsonlLog
@@ -363,7 +363,7 @@ class StateStore:
         recovered from checkpoints alone (a first run that crashed) know which columns are keys.
         """
         check_run_id(run_id)
-        table = to_table(users)
+        table = to_coded_table(users)
         meta = {
             "run_id": run_id,
             "audience_keys": list(audience_keys),
@@ -392,7 +392,7 @@ class StateStore:
         :mod:`sync.state._last_run`).
         """
         check_run_id(run_id)
-        table = to_table(state.users)
+        table = to_coded_table(state.users)
         with self._seq_lock:
             table = self._stamp_last_run(table, run_id, delivered)
             folded = self._checkpoints()
