@@ -56,10 +56,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -109,6 +109,7 @@ KINDS: Final[tuple[Kind, ...]] = ("added", "changed", "exited", "unchanged")
 Ints = npt.NDArray[np.intp]
 Bools = npt.NDArray[np.bool_]
 U64 = npt.NDArray[np.uint64]
+_T = TypeVar("_T", bound=np.generic)
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -1024,23 +1025,38 @@ def _concat_take(
     first: pd.DataFrame, second: pd.DataFrame, order: Ints, hashes: U64
 ) -> pd.DataFrame:
     """Rows ``order`` of ``first`` then ``second`` (both in canonical form, same columns),
-    with ``hashes`` as ``first``'s ``_hash``: each column copied once, in Arrow or numpy."""
+    with ``hashes`` as ``first``'s ``_hash``: each column copied once, in Arrow or numpy, the
+    columns on a small thread pool (both release the GIL while they copy)."""
     indices = pa.array(order)
     data: dict[str, object] = {}
-    for column in first.columns:
-        head, tail = first[column], second[column]
-        if column == HASH:
-            values: object = np.concatenate([hashes, tail.to_numpy(dtype=np.uint64)])[order]
-        elif isinstance(head.dtype, pd.CategoricalDtype):
-            codes = np.concatenate([head.cat.codes.to_numpy(), tail.cat.codes.to_numpy()])
-            values = pd.Categorical.from_codes(codes[order], dtype=head.dtype)
-        elif isinstance(head.dtype, np.dtype):
-            values = np.concatenate([head.to_numpy(), tail.to_numpy()])[order]
-        else:
-            values = _text_array(_chunks(head.array, tail.array).take(indices))
-        data[column] = values
-    ids = _chunks(first.index.array, second.index.array).take(indices)
+    # Pandas is read here, in this thread; the pool only runs Arrow and numpy on what it gets.
+    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        index = pool.submit(_taken, _chunks(first.index.array, second.index.array), indices)
+        for column in first.columns:
+            head, tail = first[column], second[column]
+            if column == HASH:
+                data[column] = pool.submit(_gather, hashes, tail.to_numpy(np.uint64), order)
+            elif isinstance(head.dtype, pd.CategoricalDtype):
+                codes = head.cat.codes.to_numpy(), tail.cat.codes.to_numpy()
+                data[column] = (head.dtype, pool.submit(_gather, codes[0], codes[1], order))
+            elif isinstance(head.dtype, np.dtype):
+                data[column] = pool.submit(_gather, head.to_numpy(), tail.to_numpy(), order)
+            else:
+                data[column] = pool.submit(_taken, _chunks(head.array, tail.array), indices)
+        for column, value in data.items():
+            if isinstance(value, tuple):
+                dtype, coded = value
+                data[column] = pd.Categorical.from_codes(coded.result(), dtype=dtype)
+            elif isinstance(value, Future):
+                result = value.result()
+                data[column] = _text_array(result) if isinstance(result, pa.Array) else result
+        ids = index.result()
     return pd.DataFrame(data, index=pd.Index(_text_array(ids), name=INDEX_NAME))
+
+
+def _gather(head: npt.NDArray[_T], tail: npt.NDArray[_T], order: Ints) -> npt.NDArray[_T]:
+    """Rows ``order`` of ``head`` then ``tail``."""
+    return np.concatenate([head, tail])[order]
 
 
 def _chunks(*arrays: object) -> pa.ChunkedArray:

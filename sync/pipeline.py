@@ -20,6 +20,7 @@ work (harmless: customer upserts are idempotent).
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import datetime as dt
 import random
@@ -27,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -135,9 +137,14 @@ def _require_source(settings: Settings) -> None:
 
 
 def _read(settings: Settings, known: KnownState) -> Snapshot:
+    return _read_with_keys(settings, known.audience_keys)
+
+
+def _read_with_keys(settings: Settings, known_audiences: tuple[str, ...]) -> Snapshot:
+    """The snapshot, read knowing only the stored audience keys (all it needs of the state)."""
     _require_source(settings)
     assert settings.source is not None  # narrowed by _require_source
-    return read_snapshot(settings.source, settings.keys, known_audiences=known.audience_keys)
+    return read_snapshot(settings.source, settings.keys, known_audiences=known_audiences)
 
 
 def client_for(settings: Settings) -> AmberfloClient:
@@ -574,8 +581,13 @@ def _adoption(
     step then reuses memory instead of faulting in fresh pages (at 1M users over a state,
     about 0.4 s less CPU and 150 MiB less peak).
     """
-    known = _known(store.load())
-    snapshot = _read(settings, known)
+    # The snapshot needs only the state's keys, which the manifest gives: it is read while a
+    # second thread loads the stored users (both mostly decode Parquet, releasing the GIL).
+    # The thread runs in a copy of this context, so its log lines still name the run.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        loading = pool.submit(contextvars.copy_context().run, store.load)
+        snapshot = _read_with_keys(settings, store.managed_keys()[0])
+        known = _known(loading.result())
     in_snapshot, invalid = len(snapshot.base), sum(snapshot.invalid_counts.values())
     if len(known.users) == 0 and verify == 0:
         # Over an empty state every user holding a value is added and nothing else happens:

@@ -430,6 +430,20 @@ def test_checkpoint_keys_join_the_committed_ones_latest_kind_winning(committed: 
     assert state.trait_keys == ("total_revenue", "vip_users")
 
 
+def test_managed_keys_are_the_keys_a_load_gives(store: StateStore) -> None:
+    """Without reading the table, the keys are a load's: none, committed, then with checkpoints."""
+    assert store.managed_keys() == ((), ())
+    store.checkpoint(RUN_1, users_frame({"alice": ALICE}), audience_keys=["vip_users"])
+    assert store.managed_keys() == (("vip_users",), ())
+    store.commit(stored(users_frame({"alice": ALICE})), RUN_1)
+    assert store.managed_keys() == (("vip_users",), ("total_revenue",))
+    frame = users_frame({"dave": ALICE})
+    store.checkpoint(RUN_2, frame, audience_keys=["churn_risk"], trait_keys=["vip_users"])
+    state = store.load()
+    assert store.managed_keys() == (state.audience_keys, state.trait_keys)
+    assert store.managed_keys() == (("churn_risk",), ("total_revenue", "vip_users"))
+
+
 def test_checkpoint_rows_lacking_a_column_get_na_in_a_nullable_dtype(committed: StateStore) -> None:
     """A checkpoint row replaces the whole row: a uint64 column it lacks becomes UInt64 NA."""
     committed.checkpoint(RUN_2, users_frame({"bob": BOB}).drop(columns=["_hash"]))

@@ -211,6 +211,22 @@ class StateStore:
             last_run=manifest.last_run if manifest else None,
         )
 
+    def managed_keys(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The audience and trait keys :meth:`load` gives, from the manifest and the pending
+        checkpoints' schemas alone: no table is read or verified, so this costs next to
+        nothing beside a load (``state adopt`` reads the snapshot with them while it loads)."""
+        manifest_bytes = self._manifest_bytes()
+        manifest = (
+            parse_manifest(manifest_bytes, self._path(MANIFEST_FILE)) if manifest_bytes else None
+        )
+        audience_keys = manifest.audience_keys if manifest else ()
+        trait_keys = manifest.trait_keys if manifest else ()
+        for checkpoint in self._checkpoints():
+            if manifest is None or checkpoint.name.seq > manifest.checkpoint_seq:
+                schema = self._checkpoint_schema(checkpoint.path)
+                audience_keys, trait_keys = _merge_keys(audience_keys, trait_keys, schema)
+        return audience_keys, trait_keys
+
     def load_lazily(self, head: Sequence[str]) -> LazyState:
         """The committed state with the ``head`` columns of every user loaded, the rest of each
         row read only when asked for (see :class:`LazyState`).
