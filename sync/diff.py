@@ -55,7 +55,7 @@ a Python loop over users.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -80,6 +80,7 @@ __all__ = [
     "INDEX_NAME",
     "TEXT_DTYPE",
     "Diff",
+    "InitialState",
     "KnownState",
     "Snapshot",
     "TraitValues",
@@ -913,49 +914,91 @@ def initial_state(snapshot: Snapshot) -> KnownState:
     ``"false"``, traits as wire text, the snapshot's name, email and fingerprints. Over an
     empty state there is nothing to compare and nothing to merge into, so this skips building
     the desired records in snapshot order only to sort them again.
-
-    Gathering every column in id order is a random-access copy of each: those copies run on a
-    small thread pool (Arrow's take and numpy's indexing release the GIL), so on a machine of
-    two cores they take about half the wall time.
     """
-    base = snapshot.base
-    members = {key: _audience(base, key)[0] for key in snapshot.audience_keys}
-    held = np.zeros(len(base), dtype=bool)
-    for flags in members.values():
-        held |= flags
-    for key in snapshot.trait_keys:
-        held |= snapshot.traits[key].present
-    ids = _ids(base)
-    rows = np.flatnonzero(held)
-    # Usually every user holds something: then the ids are sorted as they are, not copied first.
-    rows = rows[sort_order(ids if len(rows) == len(ids) else ids.take(pa.array(rows)))]
-    indices = pa.array(rows)
-    # Pandas is read here, in this thread; the pool only runs Arrow and numpy on what it gets.
-    names = {column: _text_column(base, column) for column in ("name", "email")}
-    id_hash, id_check = _id_fingerprints(base)
-    record_hash = base[HASH].to_numpy(dtype=np.uint64)
-    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-        # Largest first, so that the last job to finish is a short one.
-        index = pool.submit(_taken, ids, indices)
-        text = {column: pool.submit(_taken, names[column], indices) for column in names}
-        traits = {
-            key: pool.submit(_all_wire_text, snapshot.traits[key], rows)
-            for key in snapshot.trait_keys
-        }
-        codes = {key: pool.submit(_member_codes, flags, rows) for key, flags in members.items()}
-        hashes = pool.submit(lambda: (record_hash[rows], id_hash[rows], id_check[rows]))
-        data: dict[str, object] = {column: _text_array(text[column].result()) for column in text}
-        for key, job in codes.items():
-            data[key] = pd.Categorical.from_codes(job.result(), dtype=AUDIENCE_DTYPE)
-        for key, trait in traits.items():
-            data[key] = _text_array(trait.result())
-        data[HASH], data[ID_HASH], data[ID_CHECK] = hashes.result()
-        ids_in_order = index.result()
-    return KnownState(
-        users=pd.DataFrame(data, index=pd.Index(_text_array(ids_in_order), name=INDEX_NAME)),
-        audience_keys=snapshot.audience_keys,
-        trait_keys=snapshot.trait_keys,
-    )
+    return InitialState.of(snapshot).whole()
+
+
+@dataclass(frozen=True, eq=False)
+class InitialState:
+    """:func:`initial_state` of a snapshot, ready to be built whole or a part at a time.
+
+    ``rows`` are the snapshot rows the state holds, in id order. Built in parts
+    (:meth:`parts`), the state can be written while its next part is gathered, and no part
+    outlives its writing. Gathering a column in id order is a random-access copy: the copies
+    of a part run on a small thread pool (Arrow's take and numpy's indexing release the GIL).
+    """
+
+    rows: Ints
+    audience_keys: tuple[str, ...]
+    trait_keys: tuple[str, ...]
+    ids: pa.Array
+    text: Mapping[str, pa.Array | pa.ChunkedArray]
+    members: Mapping[str, Bools]
+    traits: Mapping[str, Callable[[Ints], pa.Array]]
+    hashes: tuple[U64, U64, U64]
+
+    @classmethod
+    def of(cls, snapshot: Snapshot) -> InitialState:
+        """The initial state of ``snapshot``: which rows, in which order, from which columns."""
+        base = snapshot.base
+        members = {key: _audience(base, key)[0] for key in snapshot.audience_keys}
+        held = np.zeros(len(base), dtype=bool)
+        for flags in members.values():
+            held |= flags
+        for key in snapshot.trait_keys:
+            held |= snapshot.traits[key].present
+        ids = _ids(base)
+        rows = np.flatnonzero(held)
+        # Usually every user holds something: the ids are then sorted as they are, uncopied.
+        rows = rows[sort_order(ids if len(rows) == len(ids) else ids.take(pa.array(rows)))]
+        id_hash, id_check = _id_fingerprints(base)
+        return cls(
+            rows=rows,
+            audience_keys=snapshot.audience_keys,
+            trait_keys=snapshot.trait_keys,
+            ids=ids,
+            text={column: _text_column(base, column) for column in ("name", "email")},
+            members=members,
+            traits={key: _wire_text(snapshot.traits[key]) for key in snapshot.trait_keys},
+            hashes=(base[HASH].to_numpy(dtype=np.uint64), id_hash, id_check),
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def whole(self) -> KnownState:
+        """The whole state."""
+        return KnownState(self._frame(self.rows), self.audience_keys, self.trait_keys)
+
+    def parts(self, size: int) -> Iterator[pd.DataFrame]:
+        """The state's users in consecutive parts of ``size`` users (the last may be short;
+        one empty part when there are no users, so that its columns are known)."""
+        for start in range(0, max(len(self.rows), 1), size):
+            yield self._frame(self.rows[start : start + size])
+
+    def _frame(self, rows: Ints) -> pd.DataFrame:
+        """The users frame of ``rows`` (snapshot rows, in id order)."""
+        indices = pa.array(rows)
+        record_hash, id_hash, id_check = self.hashes
+        with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+            # Largest first, so that the last job to finish is a short one.
+            index = pool.submit(_taken, self.ids, indices)
+            text = {name: pool.submit(_taken, self.text[name], indices) for name in self.text}
+            traits = {key: pool.submit(self.traits[key], rows) for key in self.trait_keys}
+            codes = {
+                key: pool.submit(_member_codes, self.members[key], rows) for key in self.members
+            }
+            hashes = pool.submit(lambda: (record_hash[rows], id_hash[rows], id_check[rows]))
+            data: dict[str, object] = {
+                name: _text_array(job.result()) for name, job in text.items()
+            }
+            for key, coded in codes.items():
+                data[key] = pd.Categorical.from_codes(coded.result(), dtype=AUDIENCE_DTYPE)
+            for key, trait in traits.items():
+                data[key] = _text_array(trait.result())
+            data[HASH], data[ID_HASH], data[ID_CHECK] = hashes.result()
+            ids = index.result()
+        return pd.DataFrame(data, index=pd.Index(_text_array(ids), name=INDEX_NAME))
 
 
 def _text_column(frame: pd.DataFrame, column: str) -> pa.Array | pa.ChunkedArray:
@@ -979,8 +1022,8 @@ def _member_codes(flags: Bools, rows: Ints) -> npt.NDArray[np.int8]:
     return np.where(flags[rows], np.int8(_TRUE), np.int8(_ABSENT))
 
 
-def _all_wire_text(values: TraitValues, rows: Ints) -> pa.Array:
-    """The wire text of ``values`` at ``rows`` (nearly every user).
+def _wire_text(values: TraitValues) -> Callable[[Ints], pa.Array]:
+    """The wire text of ``values`` at any rows, for taking nearly every user's.
 
     Floats are rendered once per distinct value: a million scores or amounts hold a few
     thousand distinct ones, and rendering a float as Python's repr is the dear part. Arrow's
@@ -988,12 +1031,15 @@ def _all_wire_text(values: TraitValues, rows: Ints) -> pa.Array:
     text is exactly what rendering every value gives.
     """
     if not pa.types.is_floating(values.raw.type):
-        return values.text(rows)
+        return values.text
     encoded = pc.dictionary_encode(values.raw)
-    rendered: pa.Array = values.render(encoded.dictionary).take(
-        encoded.indices.take(pa.array(rows))
-    )
-    return rendered
+    rendered: pa.Array = values.render(encoded.dictionary)
+    codes: pa.Array = encoded.indices
+
+    def text(rows: Ints) -> pa.Array:
+        return rendered.take(codes.take(pa.array(rows)))
+
+    return text
 
 
 def _stored_form(

@@ -15,7 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from sync.config import SourceSettings
-from sync.diff import HASH, KnownState, Snapshot, apply_acknowledged, diff, initial_state
+from sync.diff import (
+    HASH,
+    InitialState,
+    KnownState,
+    Snapshot,
+    apply_acknowledged,
+    diff,
+    initial_state,
+)
 from sync.snapshot import read_snapshot
 from sync.state import StateStore, StoredState
 
@@ -140,6 +148,39 @@ def test_initial_state_is_the_state_an_initial_sync_leaves(seed: int) -> None:
     assert (direct.audience_keys, direct.trait_keys) == (folded.audience_keys, folded.trait_keys)
     assert len(direct.users) == result.summary.added
     assert diff(snap, direct).summary.to_send == 0
+
+
+@pytest.mark.parametrize("size", [1, 7, 400])
+def test_initial_state_in_parts_is_the_whole_state_cut_in_order(size: int) -> None:
+    """Parts of ``size`` users, put together, are the whole initial state."""
+    initial = InitialState.of(random_snapshot(4, 400))
+
+    parts = list(initial.parts(size))
+
+    assert [len(part) for part in parts[:-1]] == [size] * (len(parts) - 1)
+    assert 0 < len(parts[-1]) <= size
+    pd.testing.assert_frame_equal(pd.concat(parts), initial.whole().users)
+    assert len(initial) == len(initial.whole().users)
+
+
+def test_initial_state_of_no_holders_is_one_empty_part() -> None:
+    """A snapshot where nobody holds a value gives one empty part, with the state's columns."""
+    initial = InitialState.of(snapshot({"u1": {"name": "Ann"}, "u2": {"email": "b@x.io"}}))
+
+    parts = list(initial.parts(10))
+
+    assert len(initial) == 0
+    assert len(parts) == 1
+    pd.testing.assert_frame_equal(parts[0], initial.whole().users)
+    assert list(parts[0].columns) == [
+        "name",
+        "email",
+        *AUDIENCES,
+        *TRAITS,
+        "_hash",
+        "_id_hash",
+        "_id_check",
+    ]
 
 
 def test_initial_state_of_a_read_snapshot_keeps_typed_traits_and_leaves_invalid_rows_out() -> None:
