@@ -947,7 +947,7 @@ class InitialState:
             held |= flags
         for key in snapshot.trait_keys:
             held |= snapshot.traits[key].present
-        ids = _ids(base)
+        ids = _held_text(base.index.array)
         rows = np.flatnonzero(held)
         # Usually every user holds something: the ids are then sorted as they are, uncopied.
         rows = rows[sort_order(ids if len(rows) == len(ids) else ids.take(pa.array(rows)))]
@@ -968,47 +968,55 @@ class InitialState:
 
     def whole(self) -> KnownState:
         """The whole state."""
-        return KnownState(self._frame(self.rows), self.audience_keys, self.trait_keys)
+        with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+            users = self._frame(self.rows, pool)
+        return KnownState(users, self.audience_keys, self.trait_keys)
 
     def parts(self, size: int) -> Iterator[pd.DataFrame]:
         """The state's users in consecutive parts of ``size`` users (the last may be short;
         one empty part when there are no users, so that its columns are known)."""
-        for start in range(0, max(len(self.rows), 1), size):
-            yield self._frame(self.rows[start : start + size])
+        with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+            for start in range(0, max(len(self.rows), 1), size):
+                yield self._frame(self.rows[start : start + size], pool)
 
-    def _frame(self, rows: Ints) -> pd.DataFrame:
-        """The users frame of ``rows`` (snapshot rows, in id order)."""
+    def _frame(self, rows: Ints, pool: ThreadPoolExecutor) -> pd.DataFrame:
+        """The users frame of ``rows`` (snapshot rows, in id order), gathered on ``pool``."""
         indices = pa.array(rows)
         record_hash, id_hash, id_check = self.hashes
-        with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-            # Largest first, so that the last job to finish is a short one.
-            index = pool.submit(_taken, self.ids, indices)
-            text = {name: pool.submit(_taken, self.text[name], indices) for name in self.text}
-            traits = {key: pool.submit(self.traits[key], rows) for key in self.trait_keys}
-            codes = {
-                key: pool.submit(_member_codes, self.members[key], rows) for key in self.members
-            }
-            hashes = pool.submit(lambda: (record_hash[rows], id_hash[rows], id_check[rows]))
-            data: dict[str, object] = {
-                name: _text_array(job.result()) for name, job in text.items()
-            }
-            for key, coded in codes.items():
-                data[key] = pd.Categorical.from_codes(coded.result(), dtype=AUDIENCE_DTYPE)
-            for key, trait in traits.items():
-                data[key] = _text_array(trait.result())
-            data[HASH], data[ID_HASH], data[ID_CHECK] = hashes.result()
-            ids = index.result()
+        # Largest first, so that the last job to finish is a short one.
+        index = pool.submit(_taken, self.ids, indices)
+        text = {name: pool.submit(_taken, self.text[name], indices) for name in self.text}
+        traits = {key: pool.submit(self.traits[key], rows) for key in self.trait_keys}
+        codes = {key: pool.submit(_member_codes, self.members[key], rows) for key in self.members}
+        hashes = pool.submit(lambda: (record_hash[rows], id_hash[rows], id_check[rows]))
+        data: dict[str, object] = {name: _text_array(job.result()) for name, job in text.items()}
+        for key, coded in codes.items():
+            # Codes made here are valid: pandas need not check a million of them again.
+            valid = coded.result()
+            data[key] = pd.Categorical.from_codes(valid, dtype=AUDIENCE_DTYPE, validate=False)
+        for key, trait in traits.items():
+            data[key] = _text_array(trait.result())
+        data[HASH], data[ID_HASH], data[ID_CHECK] = hashes.result()
+        ids = index.result()
         return pd.DataFrame(data, index=pd.Index(_text_array(ids), name=INDEX_NAME))
 
 
 def _text_column(frame: pd.DataFrame, column: str) -> pa.Array | pa.ChunkedArray:
-    """A text column of ``frame`` as Arrow, its chunks as they are (nulls = absent)."""
+    """A text column of ``frame`` as Arrow (nulls = absent), as it is held when it can be."""
     if column in frame.columns and frame[column].dtype == TEXT_DTYPE:
-        values: pa.Array | pa.ChunkedArray = pa.array(
-            frame[column].array, type=pa.string(), from_pandas=True
-        )
+        values: pa.Array | pa.ChunkedArray = pa.array(frame[column].array, from_pandas=True)
         return values
     return _text(frame, column)
+
+
+def _held_text(values: pd.api.extensions.ExtensionArray) -> pa.Array:
+    """Pandas text (ids) as one Arrow array of the type it is held in.
+
+    Pandas holds text as ``large_string`` and casts anything else to it: asking for
+    ``string`` here would copy every id twice, once now and once back into the frame.
+    """
+    arrow = pa.array(values, from_pandas=True)
+    return arrow.combine_chunks() if isinstance(arrow, pa.ChunkedArray) else arrow
 
 
 def _taken(values: pa.Array | pa.ChunkedArray, indices: pa.Array) -> pa.Array:
@@ -1092,7 +1100,10 @@ def _concat_take(
         for column, value in data.items():
             if isinstance(value, tuple):
                 dtype, coded = value
-                data[column] = pd.Categorical.from_codes(coded.result(), dtype=dtype)
+                # Codes of valid categoricals: pandas need not check them again.
+                data[column] = pd.Categorical.from_codes(
+                    coded.result(), dtype=dtype, validate=False
+                )
             elif isinstance(value, Future):
                 result = value.result()
                 data[column] = _text_array(result) if isinstance(result, pa.Array) else result

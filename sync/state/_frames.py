@@ -138,7 +138,9 @@ def _string_category_codes(
             "large": pa.types.is_large_string(kind.value_type),
             "ordered": kind.ordered,
         }
-        coded[field.name] = (pa.array(series.cat.codes.to_numpy(), type=kind.index_type), spec)
+        # The Categorical's own codes: ``series.cat.codes`` would build a Series around them.
+        codes = series.array.codes
+        coded[field.name] = (pa.array(codes, type=kind.index_type), spec)
     return coded
 
 

@@ -88,6 +88,10 @@ _CHECKPOINT_META = b"amberflo_sync"
 # A reader without the lock may see a commit land halfway through its read; it then reads again.
 _READ_ATTEMPTS = 3
 _ROW_GROUP_SIZE = 128 * 1024
+# A state written as it is built comes in parts of two row groups: each part costs a little
+# (a frame, its conversion), and half as many parts made a million users' commit 0.1 s
+# cheaper while still leaving most of the writing to overlap the building.
+_PART_SIZE = 2 * _ROW_GROUP_SIZE
 
 _R = TypeVar("_R")
 
@@ -427,15 +431,15 @@ class StateStore:
 
         ``parts(size)`` gives the users table in consecutive parts of ``size`` users (the last
         may be shorter; at least one part, empty for no users), together in id order. Each
-        part is one row group of the file: it is encoded on a second thread while the next
-        part is built, and is let go once written. The file is the one :meth:`commit` writes
+        part is encoded on a second thread while the next one is built, and is let go once
+        written; parts are whole row groups, so the file is the one :meth:`commit` writes
         for the whole table, byte for byte.
         """
         check_run_id(run_id)
 
         def tables() -> Iterator[pa.Table]:
             last: pa.Scalar | None = None
-            for part in parts(_ROW_GROUP_SIZE):
+            for part in parts(_PART_SIZE):
                 table = to_coded_table(part)
                 ids = table.column(index_column(table.schema)).combine_chunks()
                 if len(ids) and last is not None and not pc.greater(ids[0], last).as_py():
@@ -817,9 +821,9 @@ def _parquet_writer(table: pa.Table) -> Callable[[HashingWriter], int]:
 
 
 def _parquet_parts_writer(tables: Iterator[pa.Table]) -> Callable[[HashingWriter], int]:
-    """Writes ``tables`` (at least one, each at most a row group) as one Parquet file, the
-    same as :func:`_parquet_writer` of them together: each is encoded on a second thread while
-    the next one is made (the Parquet writer releases the GIL as it encodes)."""
+    """Writes ``tables`` (at least one, each of whole row groups but the last) as one Parquet
+    file, the same as :func:`_parquet_writer` of them together: each is encoded on a second
+    thread while the next one is made (the Parquet writer releases the GIL as it encodes)."""
 
     def produce(out: HashingWriter) -> int:
         first = encode_categories(next(tables))
