@@ -68,7 +68,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sync.fingerprint import UNKNOWN, RecordFingerprint, id_fingerprints
-from sync.idorder import sort_order
+from sync.idorder import insertion_points, sort_order
 from sync.model import ChangeKind, DiffSummary, KeyStats, UserChange
 
 __all__ = [
@@ -894,15 +894,31 @@ def apply_acknowledged(state: KnownState, result: Diff, acked_ids: Iterable[str]
     order[where[existing]] = len(base) + np.flatnonzero(existing)
     new = np.flatnonzero(~existing)
     if len(new):
-        order = np.concatenate([order, len(base) + new])
-        ids = pa.concat_arrays([_ids(base), _ids(rows).take(pa.array(new))])
-        order = order[sort_order(ids)]
+        order = _sorted_in(order, base, rows, new)
     elif not existing.any():
         # Nothing acknowledged: the stored rows, with any refreshed fingerprints.
         users = base.assign(**{HASH: hashes}) if refreshed else base
         return KnownState(users=users, audience_keys=audience_keys, trait_keys=trait_keys)
     users = _concat_take(base, rows, order, hashes)
     return KnownState(users=users, audience_keys=audience_keys, trait_keys=trait_keys)
+
+
+def _sorted_in(order: Ints, base: pd.DataFrame, rows: pd.DataFrame, new: Ints) -> Ints:
+    """``order`` (over ``base``'s rows, in id order, then ``rows``') with ``rows``' ``new``
+    positions added where their ids sort.
+
+    A run adds a few thousand users to a state of a million: those are sorted and placed by
+    binary search (:func:`insertion_points`), not sorted again with every stored id (at a
+    million users, two copies of every id and a sort: about 0.3 s).
+    """
+    new_ids = _ids(rows).take(pa.array(new))
+    ranked = new[sort_order(new_ids)]
+    points = insertion_points(_held_text(base.index.array), _ids(rows).take(pa.array(ranked)))
+    if points is not None:
+        return np.insert(order, points, len(base) + ranked)
+    everything = np.concatenate([order, len(base) + new])
+    ids = pa.concat_arrays([_ids(base), new_ids])
+    return everything[sort_order(ids)]
 
 
 def initial_state(snapshot: Snapshot) -> KnownState:

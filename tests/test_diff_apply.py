@@ -89,6 +89,20 @@ def test_a_loaded_state_folds_in_like_a_plain_one(tmp_path: Path) -> None:
     assert diff(snapshot(SECOND), fast).summary.to_send == 0
 
 
+def test_new_users_are_sorted_in_whatever_order_the_state_is_in(tmp_path: Path) -> None:
+    """New users land in id order among stored ones, placed or, for a state out of order,
+    sorted with them: the same next state either way."""
+    state = loaded(tmp_path, FIRST)
+    backwards = KnownState(state.users.iloc[::-1], state.audience_keys, state.trait_keys)
+    result = diff(snapshot(SECOND), state)
+
+    placed = apply_acknowledged(state, result, result.desired.index)
+    sorted_again = apply_acknowledged(backwards, result, result.desired.index)
+
+    assert list(placed.users.index) == ["u0", "u1", "u3", "u4", "u5", "u7"]
+    pd.testing.assert_frame_equal(placed.users, sorted_again.users)
+
+
 def test_a_partial_acknowledgement_folds_in_like_a_plain_one(tmp_path: Path) -> None:
     """Only some users acknowledged: the same next state from either form, the rest kept."""
     state = loaded(tmp_path, FIRST)
