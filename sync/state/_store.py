@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -146,6 +147,7 @@ class _Committed:
     data: pa.Buffer | None
     pending: tuple[_Checkpoint, ...]
     mapping: mmap.mmap | None = None  # what ``data`` is a view of
+    manifest_bytes: bytes | None = None  # the manifest file as read
 
     def release(self) -> None:
         """Stop counting the pages of ``data`` read so far as this process's memory.
@@ -158,6 +160,15 @@ class _Committed:
             self.mapping.madvise(mmap.MADV_DONTNEED)
 
 
+@dataclass(frozen=True, slots=True)
+class _LoadedRuns:
+    """The ``_last_run`` column of the commit a full :meth:`StateStore.load` read, by the
+    manifest that named that commit (None: the commit had no such column)."""
+
+    manifest_bytes: bytes
+    runs: PreviousRuns | None
+
+
 class StateStore:
     """The state folder of one amberflo-sync configuration (see the module docstring)."""
 
@@ -166,6 +177,7 @@ class StateStore:
         self._seq_lock = threading.Lock()
         self._last_seq: int | None = None
         self._logs = RunLogs(self.directory)
+        self._loaded_runs: _LoadedRuns | None = None
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -194,6 +206,13 @@ class StateStore:
                     f"{self._path(MANIFEST_FILE)} says {manifest.row_count}. "
                     f"{way_out(self.directory)}"
                 )
+            if columns is None and committed.manifest_bytes is not None:
+                # A commit after this load stamps ``_last_run`` from the column as read here,
+                # instead of verifying and reading the file again (see _stamp_last_run).
+                runs = _runs_of(table, self._read_committed_ids)
+                if runs is not None:
+                    runs.prepare()
+                self._loaded_runs = _LoadedRuns(committed.manifest_bytes, runs)
             users = to_frame(without_last_run(table))
         audience_keys = manifest.audience_keys if manifest else ()
         trait_keys = manifest.trait_keys if manifest else ()
@@ -506,13 +525,22 @@ class StateStore:
             return stamp_last_run(table, ids, sources)
         previous = None
         try:
-            committed = self._committed(self._manifest_bytes())
-            for checkpoint in reversed(committed.pending):
+            manifest_bytes = self._manifest_bytes()
+            loaded = self._loaded_runs
+            if manifest_bytes is not None and loaded and loaded.manifest_bytes == manifest_bytes:
+                # This store loaded the committed state, which has not changed since: its run
+                # column was verified and read then.
+                manifest = parse_manifest(manifest_bytes, self._path(MANIFEST_FILE))
+                pending, previous = self._pending(manifest), loaded.runs
+            else:
+                committed = self._committed(manifest_bytes)
+                pending = list(committed.pending)
+                if committed.data is not None:
+                    previous = self._previous_runs(committed.data)
+            for checkpoint in reversed(pending):
                 id_column = index_column(pq.read_schema(checkpoint.path))
                 ckpt_ids = pq.read_table(checkpoint.path, columns=[id_column]).column(0)
                 sources.append(RunSource.of_run(ckpt_ids.combine_chunks(), checkpoint.name.run_id))
-            if committed.data is not None:
-                previous = self._previous_runs(committed.data)
         except (StateError, pa.ArrowException, OSError, ValueError) as exc:
             # The committing run loaded this state moments ago; should it have gone bad since,
             # losing the bookkeeping must not lose the run's acknowledged users.
@@ -528,7 +556,6 @@ class StateStore:
         schema = pq.read_schema(pa.BufferReader(data))
         if LAST_RUN_COLUMN not in schema.names:
             return None
-        has_fingerprints = all(name in schema.names for name in ID_FINGERPRINTS)
 
         def read(columns: Sequence[str]) -> pa.Table:
             return pq.read_table(
@@ -541,15 +568,17 @@ class StateStore:
         def read_ids() -> pa.Array:
             return read([index_column(schema)]).column(0).combine_chunks()
 
-        prior = decode_categories(
-            read([*(ID_FINGERPRINTS if has_fingerprints else ()), LAST_RUN_COLUMN])
-        )
-        fingerprints = None
-        if has_fingerprints:
-            id_hash, id_check = (prior.column(name).to_numpy() for name in ID_FINGERPRINTS)
-            fingerprints = (id_hash, id_check)
-        runs = prior.column(LAST_RUN_COLUMN).combine_chunks()
-        return PreviousRuns.of_column(runs, fingerprints, read_ids)
+        wanted = [name for name in (*ID_FINGERPRINTS, LAST_RUN_COLUMN) if name in schema.names]
+        return _runs_of(read(wanted), read_ids)
+
+    def _read_committed_ids(self) -> pa.Array:
+        """The committed table's ids, read (and verified) now."""
+        committed = self._committed(self._manifest_bytes())
+        if committed.data is None:
+            return pa.array([], pa.string())
+        schema = pq.read_schema(pa.BufferReader(committed.data))
+        table = self._parse(committed.data, self._path(STATE_FILE), [index_column(schema)])
+        return table.column(index_column(schema)).combine_chunks()
 
     def run_log(self, run_id: str, kind: LogKind) -> JsonlLog:
         """The run's ``failures`` or ``dead-letter`` JSON Lines log (created on first write)."""
@@ -624,8 +653,11 @@ class StateStore:
             return _Committed(None, None, tuple(self._checkpoints()))
         manifest = parse_manifest(manifest_bytes, self._path(MANIFEST_FILE))
         data, mapping = self._verified_bytes(manifest)
-        pending = [c for c in self._checkpoints() if c.name.seq > manifest.checkpoint_seq]
-        return _Committed(manifest, data, tuple(pending), mapping)
+        return _Committed(manifest, data, tuple(self._pending(manifest)), mapping, manifest_bytes)
+
+    def _pending(self, manifest: Manifest) -> list[_Checkpoint]:
+        """The checkpoints written after the commit ``manifest`` describes."""
+        return [c for c in self._checkpoints() if c.name.seq > manifest.checkpoint_seq]
 
     def _manifest_bytes(self) -> bytes | None:
         try:
@@ -809,6 +841,27 @@ def _sha256(mapping: mmap.mmap) -> str:
     finally:
         view.release()
     return digest.hexdigest()
+
+
+def _runs_of(table: pa.Table, read_ids: Callable[[], pa.Array]) -> PreviousRuns | None:
+    """The ``_last_run`` column of a committed table as read (codes), with its id
+    fingerprints if it has them; None if it has no such column."""
+    if LAST_RUN_COLUMN not in table.column_names:
+        return None
+    has_fingerprints = all(name in table.column_names for name in ID_FINGERPRINTS)
+    prior = decode_categories(
+        table.select([*(ID_FINGERPRINTS if has_fingerprints else ()), LAST_RUN_COLUMN])
+    )
+    fingerprints = None
+    if has_fingerprints:
+        id_hash, id_check = (_numbers(prior.column(name)) for name in ID_FINGERPRINTS)
+        fingerprints = (id_hash, id_check)
+    runs = prior.column(LAST_RUN_COLUMN).combine_chunks()
+    return PreviousRuns.of_column(runs, fingerprints, read_ids)
+
+
+def _numbers(column: pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(column.to_numpy())
 
 
 def _parquet_writer(table: pa.Table) -> Callable[[HashingWriter], int]:
