@@ -54,10 +54,12 @@ a Python loop over users.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -66,7 +68,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sync.fingerprint import UNKNOWN, RecordFingerprint, id_fingerprints
-from sync.idorder import sort_order
+from sync.idorder import insertion_points, sort_order
 from sync.model import ChangeKind, DiffSummary, KeyStats, UserChange
 
 __all__ = [
@@ -78,6 +80,7 @@ __all__ = [
     "INDEX_NAME",
     "TEXT_DTYPE",
     "Diff",
+    "InitialState",
     "KnownState",
     "Snapshot",
     "TraitValues",
@@ -98,6 +101,8 @@ TEXT_DTYPE: Final = pd.StringDtype("pyarrow")
 # instead of a string, and frames concatenate without re-coding.
 AUDIENCE_DTYPE: Final = pd.CategoricalDtype(["false", "true"])
 _FALSE, _TRUE, _ABSENT = 0, 1, -1
+# Threads for column-at-a-time copies: Arrow and numpy release the GIL, so each core helps.
+_WORKERS: Final = min(4, os.cpu_count() or 1)
 
 Kind = Literal["added", "changed", "exited", "unchanged"]
 KINDS: Final[tuple[Kind, ...]] = ("added", "changed", "exited", "unchanged")
@@ -105,6 +110,7 @@ KINDS: Final[tuple[Kind, ...]] = ("added", "changed", "exited", "unchanged")
 Ints = npt.NDArray[np.intp]
 Bools = npt.NDArray[np.bool_]
 U64 = npt.NDArray[np.uint64]
+_T = TypeVar("_T", bound=np.generic)
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -888,15 +894,31 @@ def apply_acknowledged(state: KnownState, result: Diff, acked_ids: Iterable[str]
     order[where[existing]] = len(base) + np.flatnonzero(existing)
     new = np.flatnonzero(~existing)
     if len(new):
-        order = np.concatenate([order, len(base) + new])
-        ids = pa.concat_arrays([_ids(base), _ids(rows).take(pa.array(new))])
-        order = order[sort_order(ids)]
+        order = _sorted_in(order, base, rows, new)
     elif not existing.any():
         # Nothing acknowledged: the stored rows, with any refreshed fingerprints.
         users = base.assign(**{HASH: hashes}) if refreshed else base
         return KnownState(users=users, audience_keys=audience_keys, trait_keys=trait_keys)
     users = _concat_take(base, rows, order, hashes)
     return KnownState(users=users, audience_keys=audience_keys, trait_keys=trait_keys)
+
+
+def _sorted_in(order: Ints, base: pd.DataFrame, rows: pd.DataFrame, new: Ints) -> Ints:
+    """``order`` (over ``base``'s rows, in id order, then ``rows``') with ``rows``' ``new``
+    positions added where their ids sort.
+
+    A run adds a few thousand users to a state of a million: those are sorted and placed by
+    binary search (:func:`insertion_points`), not sorted again with every stored id (at a
+    million users, two copies of every id and a sort: about 0.3 s).
+    """
+    new_ids = _ids(rows).take(pa.array(new))
+    ranked = new[sort_order(new_ids)]
+    points = insertion_points(_held_text(base.index.array), _ids(rows).take(pa.array(ranked)))
+    if points is not None:
+        return np.insert(order, points, len(base) + ranked)
+    everything = np.concatenate([order, len(base) + new])
+    ids = pa.concat_arrays([_ids(base), new_ids])
+    return everything[sort_order(ids)]
 
 
 def initial_state(snapshot: Snapshot) -> KnownState:
@@ -909,33 +931,139 @@ def initial_state(snapshot: Snapshot) -> KnownState:
     empty state there is nothing to compare and nothing to merge into, so this skips building
     the desired records in snapshot order only to sort them again.
     """
-    base = snapshot.base
-    members = {key: _audience(base, key)[0] for key in snapshot.audience_keys}
-    held = np.zeros(len(base), dtype=bool)
-    for flags in members.values():
-        held |= flags
-    for key in snapshot.trait_keys:
-        held |= snapshot.traits[key].present
-    ids = _ids(base)
-    rows = np.flatnonzero(held)
-    rows = rows[sort_order(ids.take(pa.array(rows)))]
-    data: dict[str, object] = {}
-    for column in ("name", "email"):
-        data[column] = _text_array(_text(base, column, rows))
-    for key, flags in members.items():
-        codes = np.where(flags[rows], _TRUE, _ABSENT).astype(np.int8)
-        data[key] = pd.Categorical.from_codes(codes, dtype=AUDIENCE_DTYPE)
-    for key in snapshot.trait_keys:
-        data[key] = _text_array(snapshot.traits[key].text(rows))
-    data[HASH] = base[HASH].to_numpy(dtype=np.uint64)[rows]
-    id_hash, id_check = _id_fingerprints(base)
-    data[ID_HASH], data[ID_CHECK] = id_hash[rows], id_check[rows]
-    index = pd.Index(_text_array(ids.take(pa.array(rows))), name=INDEX_NAME)
-    return KnownState(
-        users=pd.DataFrame(data, index=index),
-        audience_keys=snapshot.audience_keys,
-        trait_keys=snapshot.trait_keys,
-    )
+    return InitialState.of(snapshot).whole()
+
+
+@dataclass(frozen=True, eq=False)
+class InitialState:
+    """:func:`initial_state` of a snapshot, ready to be built whole or a part at a time.
+
+    ``rows`` are the snapshot rows the state holds, in id order. Built in parts
+    (:meth:`parts`), the state can be written while its next part is gathered, and no part
+    outlives its writing. Gathering a column in id order is a random-access copy: the copies
+    of a part run on a small thread pool (Arrow's take and numpy's indexing release the GIL).
+    """
+
+    rows: Ints
+    audience_keys: tuple[str, ...]
+    trait_keys: tuple[str, ...]
+    ids: pa.Array
+    text: Mapping[str, pa.Array | pa.ChunkedArray]
+    members: Mapping[str, Bools]
+    traits: Mapping[str, Callable[[Ints], pa.Array]]
+    hashes: tuple[U64, U64, U64]
+
+    @classmethod
+    def of(cls, snapshot: Snapshot) -> InitialState:
+        """The initial state of ``snapshot``: which rows, in which order, from which columns."""
+        base = snapshot.base
+        members = {key: _audience(base, key)[0] for key in snapshot.audience_keys}
+        held = np.zeros(len(base), dtype=bool)
+        for flags in members.values():
+            held |= flags
+        for key in snapshot.trait_keys:
+            held |= snapshot.traits[key].present
+        ids = _held_text(base.index.array)
+        rows = np.flatnonzero(held)
+        # Usually every user holds something: the ids are then sorted as they are, uncopied.
+        rows = rows[sort_order(ids if len(rows) == len(ids) else ids.take(pa.array(rows)))]
+        id_hash, id_check = _id_fingerprints(base)
+        return cls(
+            rows=rows,
+            audience_keys=snapshot.audience_keys,
+            trait_keys=snapshot.trait_keys,
+            ids=ids,
+            text={column: _text_column(base, column) for column in ("name", "email")},
+            members=members,
+            traits={key: _wire_text(snapshot.traits[key]) for key in snapshot.trait_keys},
+            hashes=(base[HASH].to_numpy(dtype=np.uint64), id_hash, id_check),
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def whole(self) -> KnownState:
+        """The whole state."""
+        with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+            users = self._frame(self.rows, pool)
+        return KnownState(users, self.audience_keys, self.trait_keys)
+
+    def parts(self, size: int) -> Iterator[pd.DataFrame]:
+        """The state's users in consecutive parts of ``size`` users (the last may be short;
+        one empty part when there are no users, so that its columns are known)."""
+        with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+            for start in range(0, max(len(self.rows), 1), size):
+                yield self._frame(self.rows[start : start + size], pool)
+
+    def _frame(self, rows: Ints, pool: ThreadPoolExecutor) -> pd.DataFrame:
+        """The users frame of ``rows`` (snapshot rows, in id order), gathered on ``pool``."""
+        indices = pa.array(rows)
+        record_hash, id_hash, id_check = self.hashes
+        # Largest first, so that the last job to finish is a short one.
+        index = pool.submit(_taken, self.ids, indices)
+        text = {name: pool.submit(_taken, self.text[name], indices) for name in self.text}
+        traits = {key: pool.submit(self.traits[key], rows) for key in self.trait_keys}
+        codes = {key: pool.submit(_member_codes, self.members[key], rows) for key in self.members}
+        hashes = pool.submit(lambda: (record_hash[rows], id_hash[rows], id_check[rows]))
+        data: dict[str, object] = {name: _text_array(job.result()) for name, job in text.items()}
+        for key, coded in codes.items():
+            # Codes made here are valid: pandas need not check a million of them again.
+            valid = coded.result()
+            data[key] = pd.Categorical.from_codes(valid, dtype=AUDIENCE_DTYPE, validate=False)
+        for key, trait in traits.items():
+            data[key] = _text_array(trait.result())
+        data[HASH], data[ID_HASH], data[ID_CHECK] = hashes.result()
+        ids = index.result()
+        return pd.DataFrame(data, index=pd.Index(_text_array(ids), name=INDEX_NAME))
+
+
+def _text_column(frame: pd.DataFrame, column: str) -> pa.Array | pa.ChunkedArray:
+    """A text column of ``frame`` as Arrow (nulls = absent), as it is held when it can be."""
+    if column in frame.columns and frame[column].dtype == TEXT_DTYPE:
+        values: pa.Array | pa.ChunkedArray = pa.array(frame[column].array, from_pandas=True)
+        return values
+    return _text(frame, column)
+
+
+def _held_text(values: pd.api.extensions.ExtensionArray) -> pa.Array:
+    """Pandas text (ids) as one Arrow array of the type it is held in.
+
+    Pandas holds text as ``large_string`` and casts anything else to it: asking for
+    ``string`` here would copy every id twice, once now and once back into the frame.
+    """
+    arrow = pa.array(values, from_pandas=True)
+    return arrow.combine_chunks() if isinstance(arrow, pa.ChunkedArray) else arrow
+
+
+def _taken(values: pa.Array | pa.ChunkedArray, indices: pa.Array) -> pa.Array:
+    """``values`` at ``indices``, as one array."""
+    taken = values.take(indices)
+    return taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
+
+
+def _member_codes(flags: Bools, rows: Ints) -> npt.NDArray[np.int8]:
+    """Audience codes of ``rows``: ``"true"`` for a member, absent otherwise (never false)."""
+    return np.where(flags[rows], np.int8(_TRUE), np.int8(_ABSENT))
+
+
+def _wire_text(values: TraitValues) -> Callable[[Ints], pa.Array]:
+    """The wire text of ``values`` at any rows, for taking nearly every user's.
+
+    Floats are rendered once per distinct value: a million scores or amounts hold a few
+    thousand distinct ones, and rendering a float as Python's repr is the dear part. Arrow's
+    dictionary keeps ``0.0`` and ``-0.0`` (and NaN) apart and rendering is elementwise, so the
+    text is exactly what rendering every value gives.
+    """
+    if not pa.types.is_floating(values.raw.type):
+        return values.text
+    encoded = pc.dictionary_encode(values.raw)
+    rendered: pa.Array = values.render(encoded.dictionary)
+    codes: pa.Array = encoded.indices
+
+    def text(rows: Ints) -> pa.Array:
+        return rendered.take(codes.take(pa.array(rows)))
+
+    return text
 
 
 def _stored_form(
@@ -967,23 +1095,41 @@ def _concat_take(
     first: pd.DataFrame, second: pd.DataFrame, order: Ints, hashes: U64
 ) -> pd.DataFrame:
     """Rows ``order`` of ``first`` then ``second`` (both in canonical form, same columns),
-    with ``hashes`` as ``first``'s ``_hash``: each column copied once, in Arrow or numpy."""
+    with ``hashes`` as ``first``'s ``_hash``: each column copied once, in Arrow or numpy, the
+    columns on a small thread pool (both release the GIL while they copy)."""
     indices = pa.array(order)
     data: dict[str, object] = {}
-    for column in first.columns:
-        head, tail = first[column], second[column]
-        if column == HASH:
-            values: object = np.concatenate([hashes, tail.to_numpy(dtype=np.uint64)])[order]
-        elif isinstance(head.dtype, pd.CategoricalDtype):
-            codes = np.concatenate([head.cat.codes.to_numpy(), tail.cat.codes.to_numpy()])
-            values = pd.Categorical.from_codes(codes[order], dtype=head.dtype)
-        elif isinstance(head.dtype, np.dtype):
-            values = np.concatenate([head.to_numpy(), tail.to_numpy()])[order]
-        else:
-            values = _text_array(_chunks(head.array, tail.array).take(indices))
-        data[column] = values
-    ids = _chunks(first.index.array, second.index.array).take(indices)
+    # Pandas is read here, in this thread; the pool only runs Arrow and numpy on what it gets.
+    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        index = pool.submit(_taken, _chunks(first.index.array, second.index.array), indices)
+        for column in first.columns:
+            head, tail = first[column], second[column]
+            if column == HASH:
+                data[column] = pool.submit(_gather, hashes, tail.to_numpy(np.uint64), order)
+            elif isinstance(head.dtype, pd.CategoricalDtype):
+                codes = head.cat.codes.to_numpy(), tail.cat.codes.to_numpy()
+                data[column] = (head.dtype, pool.submit(_gather, codes[0], codes[1], order))
+            elif isinstance(head.dtype, np.dtype):
+                data[column] = pool.submit(_gather, head.to_numpy(), tail.to_numpy(), order)
+            else:
+                data[column] = pool.submit(_taken, _chunks(head.array, tail.array), indices)
+        for column, value in data.items():
+            if isinstance(value, tuple):
+                dtype, coded = value
+                # Codes of valid categoricals: pandas need not check them again.
+                data[column] = pd.Categorical.from_codes(
+                    coded.result(), dtype=dtype, validate=False
+                )
+            elif isinstance(value, Future):
+                result = value.result()
+                data[column] = _text_array(result) if isinstance(result, pa.Array) else result
+        ids = index.result()
     return pd.DataFrame(data, index=pd.Index(_text_array(ids), name=INDEX_NAME))
+
+
+def _gather(head: npt.NDArray[_T], tail: npt.NDArray[_T], order: Ints) -> npt.NDArray[_T]:
+    """Rows ``order`` of ``head`` then ``tail``."""
+    return np.concatenate([head, tail])[order]
 
 
 def _chunks(*arrays: object) -> pa.ChunkedArray:

@@ -10,14 +10,19 @@ point order, the order Arrow and Python use for strings.
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["sort_order"]
+__all__ = ["insertion_points", "sort_order"]
 
 _WINDOW = 8  # bytes of each id in the numeric key: one uint64
+# Stored ids compared one by one in Python, at most, before insertion_points gives up: ids
+# that mostly share a long prefix ("customer-000…") are better served by one whole sort.
+_TIE_BUDGET = 50_000
 
 
 def sort_order(ids: pa.Array) -> npt.NDArray[np.intp]:
@@ -28,7 +33,8 @@ def sort_order(ids: pa.Array) -> npt.NDArray[np.intp]:
     if ids.null_count or not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
         return np.asarray(pc.sort_indices(ids), dtype=np.intp)
     key = _prefix_key(ids)
-    order = np.argsort(key, kind="stable").astype(np.intp)
+    # No stable sort needed: ids with equal keys are sorted again below, by id then position.
+    order = np.argsort(key).astype(np.intp)
     ranked = key[order]
     tie = ranked[1:] == ranked[:-1]
     if not tie.any():
@@ -70,3 +76,32 @@ def _prefix_key(ids: pa.Array) -> npt.NDArray[np.uint64]:
     window[np.arange(_WINDOW) >= lengths[:, None]] = 0
     key: npt.NDArray[np.uint64] = window.view(">u8").ravel().astype(np.uint64)
     return key
+
+
+def insertion_points(sorted_ids: pa.Array, ids: pa.Array) -> npt.NDArray[np.intp] | None:
+    """Per id of ``ids``: how many of ``sorted_ids`` (ascending) sort before it, or None when
+    too many of them share their first eight bytes with it to settle that cheaply.
+
+    Folding a few thousand new users into a sorted state of a million needs only where each
+    goes, not a sort of all of them: the numeric keys of :func:`sort_order` are ascending
+    along ``sorted_ids`` too, so a binary search on them places every id whose key no stored
+    id shares, and the few that share one are placed by comparing the ids themselves.
+    Both arrays are Arrow ``string`` or ``large_string``; with nulls, or ``sorted_ids`` not
+    strictly ascending (checked: one pass), the answer is None too.
+    """
+    if sorted_ids.null_count or ids.null_count:
+        return None
+    if len(sorted_ids) > 1 and not pc.all(pc.less(sorted_ids[:-1], sorted_ids[1:])).as_py():
+        return None  # not ascending after all: only a sort can tell
+    stored, wanted = _prefix_key(sorted_ids), _prefix_key(ids)
+    low = np.searchsorted(stored, wanted, side="left")
+    high = np.searchsorted(stored, wanted, side="right")
+    tied = np.flatnonzero(high > low)
+    if int((high[tied] - low[tied]).sum()) > _TIE_BUDGET:
+        return None
+    points = low.astype(np.intp)
+    for position in tied:
+        start, stop = int(low[position]), int(high[position])
+        run = sorted_ids.slice(start, stop - start).to_pylist()
+        points[position] = start + bisect.bisect_left(run, ids[int(position)].as_py())
+    return points

@@ -10,10 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from sync.config import SourceSettings
-from sync.diff import HASH, KnownState, Snapshot, apply_acknowledged, diff, initial_state
+from sync.diff import (
+    HASH,
+    InitialState,
+    KnownState,
+    Snapshot,
+    apply_acknowledged,
+    diff,
+    initial_state,
+)
 from sync.snapshot import read_snapshot
 from sync.state import StateStore, StoredState
 
@@ -79,6 +89,20 @@ def test_a_loaded_state_folds_in_like_a_plain_one(tmp_path: Path) -> None:
     assert diff(snapshot(SECOND), fast).summary.to_send == 0
 
 
+def test_new_users_are_sorted_in_whatever_order_the_state_is_in(tmp_path: Path) -> None:
+    """New users land in id order among stored ones, placed or, for a state out of order,
+    sorted with them: the same next state either way."""
+    state = loaded(tmp_path, FIRST)
+    backwards = KnownState(state.users.iloc[::-1], state.audience_keys, state.trait_keys)
+    result = diff(snapshot(SECOND), state)
+
+    placed = apply_acknowledged(state, result, result.desired.index)
+    sorted_again = apply_acknowledged(backwards, result, result.desired.index)
+
+    assert list(placed.users.index) == ["u0", "u1", "u3", "u4", "u5", "u7"]
+    pd.testing.assert_frame_equal(placed.users, sorted_again.users)
+
+
 def test_a_partial_acknowledgement_folds_in_like_a_plain_one(tmp_path: Path) -> None:
     """Only some users acknowledged: the same next state from either form, the rest kept."""
     state = loaded(tmp_path, FIRST)
@@ -140,6 +164,39 @@ def test_initial_state_is_the_state_an_initial_sync_leaves(seed: int) -> None:
     assert diff(snap, direct).summary.to_send == 0
 
 
+@pytest.mark.parametrize("size", [1, 7, 400])
+def test_initial_state_in_parts_is_the_whole_state_cut_in_order(size: int) -> None:
+    """Parts of ``size`` users, put together, are the whole initial state."""
+    initial = InitialState.of(random_snapshot(4, 400))
+
+    parts = list(initial.parts(size))
+
+    assert [len(part) for part in parts[:-1]] == [size] * (len(parts) - 1)
+    assert 0 < len(parts[-1]) <= size
+    pd.testing.assert_frame_equal(pd.concat(parts), initial.whole().users)
+    assert len(initial) == len(initial.whole().users)
+
+
+def test_initial_state_of_no_holders_is_one_empty_part() -> None:
+    """A snapshot where nobody holds a value gives one empty part, with the state's columns."""
+    initial = InitialState.of(snapshot({"u1": {"name": "Ann"}, "u2": {"email": "b@x.io"}}))
+
+    parts = list(initial.parts(10))
+
+    assert len(initial) == 0
+    assert len(parts) == 1
+    pd.testing.assert_frame_equal(parts[0], initial.whole().users)
+    assert list(parts[0].columns) == [
+        "name",
+        "email",
+        *AUDIENCES,
+        *TRAITS,
+        "_hash",
+        "_id_hash",
+        "_id_check",
+    ]
+
+
 def test_initial_state_of_a_read_snapshot_keeps_typed_traits_and_leaves_invalid_rows_out() -> None:
     """From a real file with invalid rows and number traits: the same state as the slow path."""
     source = SourceSettings(
@@ -154,3 +211,37 @@ def test_initial_state_of_a_read_snapshot_keeps_typed_traits_and_leaves_invalid_
     folded = apply_acknowledged(KnownState.empty(), result, result.desired.index)
     pd.testing.assert_frame_equal(direct.users, folded.users)
     assert list(direct.users.index) == sorted(direct.users.index)
+
+
+def test_initial_state_renders_float_traits_as_the_slow_path_does(tmp_path: Path) -> None:
+    """Floats rendered once per distinct value keep -0.0, NaN, nulls and exponents exact."""
+    rng = np.random.default_rng(7)
+    size = 5000
+    special = [0.0, -0.0, float("nan"), None, 1e16, 1e-7, 0.1, 2.0, -3.5, 123456789.125]
+    scores = [
+        special[n] if n < len(special) else float(rng.integers(0, 50)) / 8 for n in range(size)
+    ]
+    amounts = [None if n % 11 == 0 else float(rng.normal(100, 40)) for n in range(size)]
+    path = tmp_path / "floats.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": [f"u{n * 7919 % 100003}" for n in range(size)],
+                "vip": [n % 3 == 0 for n in range(size)],
+                "score": pa.array(scores, pa.float64()),
+                "amount": pa.array(amounts, pa.float32()),
+            }
+        ),
+        path,
+    )
+    snap = read_snapshot(SourceSettings(path=str(path), audiences=["vip"]), {})
+    result = diff(snap, KnownState.empty())
+
+    direct = initial_state(snap)
+
+    folded = apply_acknowledged(KnownState.empty(), result, result.desired.index)
+    pd.testing.assert_frame_equal(direct.users, folded.users)
+    score = direct.users["score"]
+    assert (score["u0"], score["u7919"], score["u31676"]) == ("0.0", "-0.0", "1e+16")
+    assert pd.isna(score["u15838"])
+    assert pd.isna(score["u23757"])

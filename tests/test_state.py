@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import pytest
 from sync.errors import LockHeldError, StateError
 from sync.state import FORMAT_VERSION, StateStore, StoredState
 from sync.state._atomic import atomic_write, atomic_write_bytes
-from sync.state._frames import decode_categories, encode_categories, to_table
+from sync.state._frames import decode_categories, encode_categories, to_coded_table, to_table
 
 RUN_1 = "20250101T000000Z-aaaaaa"
 RUN_2 = "20250102T000000Z-bbbbbb"
@@ -230,6 +230,29 @@ def test_categoricals_are_stored_as_codes_and_decoded_exactly() -> None:
     assert decode_categories(encoded).equals(table, check_metadata=True)
 
 
+@pytest.mark.parametrize("order", [["alice", "bob", "carol"], ["carol", "alice", "bob"]])
+def test_coded_conversion_is_the_encoded_conversion(order: list[str]) -> None:
+    """Made from category codes, sorted or not, the table is pyarrow's conversion encoded."""
+    rows = {"alice": ALICE, "bob": BOB, "carol": CAROL}
+    users = users_frame({name: rows[name] for name in order})
+    users["kind"] = pd.Categorical(["x", "y", None], categories=["y", "x"], ordered=True)
+    users["size"] = pd.Categorical([3, None, 1])  # not text: stays a dictionary
+    coded = to_coded_table(users)
+    assert coded.equals(encode_categories(to_table(users)), check_metadata=True)
+    assert coded.column("user_id").to_pylist() == ["alice", "bob", "carol"]
+    assert pa.types.is_dictionary(coded.schema.field("size").type)
+
+
+def test_encoding_a_coded_table_keeps_its_codes_and_adds_new_ones() -> None:
+    """A column added after coding (the store's ``_last_run``) is coded alongside the others."""
+    users = users_frame({"alice": ALICE, "bob": BOB, "carol": CAROL})
+    runs = pa.array(["r1", None, "r2"]).dictionary_encode()
+    stamped = to_table(users).append_column("_last_run", runs)
+    fast = to_coded_table(users).append_column("_last_run", runs)
+    assert encode_categories(fast).equals(encode_categories(stamped), check_metadata=True)
+    assert decode_categories(encode_categories(fast)).equals(stamped, check_metadata=True)
+
+
 @pytest.mark.parametrize(
     ("index", "message"),
     [
@@ -405,6 +428,20 @@ def test_checkpoint_keys_join_the_committed_ones_latest_kind_winning(committed: 
     state = committed.load()
     assert state.audience_keys == ("churn_risk",)
     assert state.trait_keys == ("total_revenue", "vip_users")
+
+
+def test_managed_keys_are_the_keys_a_load_gives(store: StateStore) -> None:
+    """Without reading the table, the keys are a load's: none, committed, then with checkpoints."""
+    assert store.managed_keys() == ((), ())
+    store.checkpoint(RUN_1, users_frame({"alice": ALICE}), audience_keys=["vip_users"])
+    assert store.managed_keys() == (("vip_users",), ())
+    store.commit(stored(users_frame({"alice": ALICE})), RUN_1)
+    assert store.managed_keys() == (("vip_users",), ("total_revenue",))
+    frame = users_frame({"dave": ALICE})
+    store.checkpoint(RUN_2, frame, audience_keys=["churn_risk"], trait_keys=["vip_users"])
+    state = store.load()
+    assert store.managed_keys() == (state.audience_keys, state.trait_keys)
+    assert store.managed_keys() == (("churn_risk",), ("total_revenue", "vip_users"))
 
 
 def test_checkpoint_rows_lacking_a_column_get_na_in_a_nullable_dtype(committed: StateStore) -> None:
@@ -761,3 +798,73 @@ def test_read_only_operations_leave_the_folder_byte_and_mtime_identical(
     read_everything(committed)
     read_everything(StateStore(committed.directory))
     assert snapshot(committed.directory) == before
+
+
+# -- a state committed as it is built --------------------------------------------------------
+
+
+def many_users(count: int) -> pd.DataFrame:
+    """``count`` users in id order, in the engine's shape, with a few values each."""
+    ids = [f"u{n:07d}" for n in range(count)]
+    codes = np.where(np.arange(count) % 3 == 0, 1, -1).astype(np.int8)
+    return pd.DataFrame(
+        {
+            "name": pd.array([None] * count, dtype="string"),
+            "email": pd.array([f"{n}@x.io" if n % 2 else None for n in range(count)], "string"),
+            "vip_users": pd.Categorical.from_codes(codes, categories=["false", "true"]),
+            "total_revenue": pd.array([str(n % 97) for n in range(count)], dtype="string"),
+            "_hash": np.arange(count, dtype=np.uint64),
+        },
+        index=pd.Index(ids, dtype="string", name="customer_id"),
+    )
+
+
+def in_parts(users: pd.DataFrame) -> Callable[[int], Iterator[pd.DataFrame]]:
+    """``users`` as :meth:`StateStore.commit_delivered` asks for it: parts of ``size`` users."""
+
+    def parts(size: int) -> Iterator[pd.DataFrame]:
+        for start in range(0, max(len(users), 1), size):
+            yield users.iloc[start : start + size]
+
+    return parts
+
+
+@pytest.mark.parametrize("count", [0, 5, 300_000])
+def test_a_state_written_as_it_is_built_is_the_file_a_commit_writes(
+    tmp_path: Path, count: int
+) -> None:
+    """In parts (three row groups at 300k users) or whole, the same bytes and the same load."""
+    users = many_users(count)
+    parts, whole = StateStore(tmp_path / "parts"), StateStore(tmp_path / "whole")
+
+    parts.commit_delivered(in_parts(users), ["vip_users"], ["total_revenue"], RUN_1)
+    whole.commit(stored(users), RUN_1, delivered=users.index)
+
+    written = (parts.directory / "state.parquet").read_bytes()
+    assert written == (whole.directory / "state.parquet").read_bytes()
+    assert parts.info().users == count
+    loaded = parts.load()
+    pd.testing.assert_frame_equal(loaded.users, whole.load().users)
+    assert (loaded.audience_keys, loaded.trait_keys) == (("vip_users",), ("total_revenue",))
+    if count:
+        shown = parts.show(str(users.index[-1]))
+        assert shown is not None
+        assert shown["last_run"] == RUN_1
+
+
+def test_parts_out_of_order_are_refused_and_leave_the_old_state(committed: StateStore) -> None:
+    """A part whose first id does not follow the last one's is refused; no file changes."""
+    before = snapshot(committed.directory)
+    users = many_users(4)
+
+    def backwards(size: int) -> Iterator[pd.DataFrame]:
+        yield users.iloc[2:]
+        yield users.iloc[:2]
+
+    with pytest.raises(ValueError, match="u0000000' is out of order"):
+        committed.commit_delivered(backwards, ["vip_users"], ["total_revenue"], RUN_2)
+    # Every file as it was, and no temporary one left (the folder itself saw one come and go).
+    after = snapshot(committed.directory)
+    assert {k: v for k, v in after.items() if k != "."} == {
+        k: v for k, v in before.items() if k != "."
+    }

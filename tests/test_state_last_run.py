@@ -120,3 +120,33 @@ def test_fingerprints_and_ids_name_the_same_runs() -> None:
     expected = dict(zip(old, runs.to_pylist(), strict=True)) | dict.fromkeys(new[::7], RUN_3)
     assert by_fingerprint.column(LAST_RUN_COLUMN).to_pylist() == [expected.get(i) for i in new]
     assert by_id.column(LAST_RUN_COLUMN).equals(by_fingerprint.column(LAST_RUN_COLUMN))
+
+
+@pytest.mark.parametrize("fingerprints", [True, False], ids=["fingerprints", "ids"])
+def test_a_commit_after_a_load_keeps_the_runs_the_load_read(
+    tmp_path: Path, fingerprints: bool
+) -> None:
+    """Loaded first (as adopt does), the store stamps from the column it read: same runs."""
+    store = StateStore(tmp_path / "state")
+    first = ["u1", "u2", "u3"]
+    store.commit(StoredState(users(first, fingerprints=fingerprints)), RUN_1, delivered=first)
+    loaded = StateStore(store.directory)
+    assert len(loaded.load().users) == 3
+
+    later = users([*first, "u4"], fingerprints=fingerprints)
+    loaded.commit(StoredState(later), RUN_2, delivered=["u2", "u4"])
+
+    assert last_runs(loaded) == {"u1": RUN_1, "u2": RUN_2, "u3": RUN_1, "u4": RUN_2}
+
+
+def test_a_commit_after_another_stores_commit_does_not_use_what_it_loaded(tmp_path: Path) -> None:
+    """A commit landing after the load (another process) is the one the runs come from."""
+    first = ["u1", "u2", "u3"]
+    StateStore(tmp_path / "state").commit(StoredState(users(first)), RUN_1, delivered=first)
+    loaded = StateStore(tmp_path / "state")
+    loaded.load()
+    StateStore(tmp_path / "state").commit(StoredState(users(first)), RUN_2, delivered=first)
+
+    loaded.commit(StoredState(users(first)), RUN_3, delivered=["u1"])
+
+    assert last_runs(loaded) == {"u1": RUN_3, "u2": RUN_2, "u3": RUN_2}

@@ -93,7 +93,7 @@ def ensure_dir(directory: Path) -> None:
     fsync_dir(directory.parent)
 
 
-def atomic_write(path: Path, produce: Callable[[HashingWriter], None]) -> Written:
+def atomic_write(path: Path, produce: Callable[[HashingWriter], object]) -> Written:
     """Write ``path`` all or nothing; ``produce`` writes the content to the file it is given.
 
     If ``produce`` raises, the temporary file is removed and ``path`` is left as it was.

@@ -50,9 +50,21 @@ def to_table(users: pd.DataFrame) -> pa.Table:
 
     Ids must be non-null, unique strings: they are the key every later upsert matches on.
     """
-    if isinstance(users.index, pd.MultiIndex):
-        raise TypeError("the users table must be indexed by customer id, not a MultiIndex")
-    table = _from_pandas(users)
+    return _checked(_from_pandas(users))
+
+
+def to_coded_table(users: pd.DataFrame) -> pa.Table:
+    """``encode_categories(to_table(users))``, made straight from pandas' category codes.
+
+    What a commit writes: building an Arrow dictionary per categorical column (a validity
+    bitmap from the codes) only for :func:`encode_categories` to turn it back into the codes
+    was most of the conversion's cost (a million users, twenty audiences: 0.15 s of 0.17 s).
+    """
+    return _checked(_from_pandas(users, coded=True))
+
+
+def _checked(table: pa.Table) -> pa.Table:
+    """``table`` sorted by id; ``ValueError`` if the ids are not usable."""
     id_column = index_column(table.schema)
     ids = table.column(id_column)
     if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
@@ -71,27 +83,65 @@ def to_table(users: pd.DataFrame) -> pa.Table:
     return table
 
 
-def _from_pandas(users: pd.DataFrame) -> pa.Table:
+def _from_pandas(users: pd.DataFrame, *, coded: bool = False) -> pa.Table:
     """``pa.Table.from_pandas(users, preserve_index=True)``, without its cost on a string index.
 
     Converting each column, pyarrow probes the Series for attributes, and pandas answers such a
     probe by looking the name up in the Series' index, which builds a hash table of every id
     (0.6 s per million users). So the data is converted with the ids as an ordinary column, and
-    the pandas metadata describing the index is taken from converting zero rows.
+    the pandas metadata describing the index is taken from converting zero rows. ``coded``:
+    string categoricals become their codes, as :func:`encode_categories` stores them.
     """
+    if isinstance(users.index, pd.MultiIndex):
+        raise TypeError("the users table must be indexed by customer id, not a MultiIndex")
     template = pa.Table.from_pandas(users.iloc[:0], preserve_index=True)
     metadata = template.schema.pandas_metadata
     id_column = index_column(template.schema)
-    table = pa.Table.from_pandas(users.rename_axis(id_column).reset_index(), preserve_index=False)
+    codes = _string_category_codes(users, template.schema) if coded else {}
+    table = pa.Table.from_pandas(
+        users.drop(columns=list(codes)).rename_axis(id_column).reset_index(),
+        preserve_index=False,
+    )
     converted = {entry["field_name"]: entry for entry in table.schema.pandas_metadata["columns"]}
     metadata["columns"] = [
-        entry if entry["field_name"] == id_column else converted[entry["field_name"]]
+        entry
+        if entry["field_name"] == id_column or entry["field_name"] in codes
+        else converted[entry["field_name"]]
         for entry in metadata["columns"]
     ]
-    table = table.select(template.column_names)
-    return table.replace_schema_metadata(
-        {**(table.schema.metadata or {}), b"pandas": json.dumps(metadata).encode()}
-    )
+    schema_metadata = {**(table.schema.metadata or {}), b"pandas": json.dumps(metadata).encode()}
+    if codes:
+        specs = {name: spec for name, (_, spec) in codes.items()}
+        schema_metadata[_CATEGORIES_META] = json.dumps(specs).encode()
+    columns = {
+        name: codes[name][0] if name in codes else table.column(name)
+        for name in template.column_names
+    }
+    return pa.table(columns).replace_schema_metadata(schema_metadata)
+
+
+def _string_category_codes(
+    users: pd.DataFrame, schema: pa.Schema
+) -> dict[str, tuple[pa.Array, dict[str, Any]]]:
+    """Per categorical column that Arrow makes a string dictionary of: its codes (-1 = NA) as
+    Arrow, and the spec :func:`encode_categories` records for it."""
+    coded: dict[str, tuple[pa.Array, dict[str, Any]]] = {}
+    for field in schema:
+        kind = field.type
+        if not pa.types.is_dictionary(kind) or not (
+            pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)
+        ):
+            continue
+        series = users[field.name]
+        spec = {
+            "categories": [str(value) for value in series.cat.categories],
+            "large": pa.types.is_large_string(kind.value_type),
+            "ordered": kind.ordered,
+        }
+        # The Categorical's own codes: ``series.cat.codes`` would build a Series around them.
+        codes = series.array.codes
+        coded[field.name] = (pa.array(codes, type=kind.index_type), spec)
+    return coded
 
 
 def encode_categories(table: pa.Table) -> pa.Table:
@@ -102,7 +152,8 @@ def encode_categories(table: pa.Table) -> pa.Table:
     codes without nulls read about four times faster. The categories go into the schema
     metadata, and :func:`decode_categories` restores the exact dictionary columns.
     """
-    coded: dict[str, Any] = {}
+    # Columns coded already (see :func:`to_coded_table`) keep their entries, first.
+    coded: dict[str, Any] = dict(_coded_columns(table.schema))
     table = table.unify_dictionaries()
     for position, field in enumerate(table.schema):
         kind = field.type

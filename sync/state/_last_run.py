@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Final
 
 import numpy as np
@@ -49,7 +50,7 @@ class RunSource:
         return cls(ids=ids, codes=np.zeros(len(ids), dtype=np.int32), names=(run_id,))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class PreviousRuns:
     """The previous commit's ``_last_run`` column (``codes`` into ``names``, -1 = none), with
     its users' id fingerprints (None if it has none) and a way to read their ids."""
@@ -73,16 +74,28 @@ class PreviousRuns:
         names = tuple(str(name) for name in runs.dictionary.to_pylist())
         return cls(np.asarray(codes, dtype=np.int32), names, fingerprints, read_ids)
 
+    def prepare(self) -> None:
+        """Build the fingerprint lookup now (a load does, on a thread that has the time)."""
+        if self._lookup is not None:
+            _ = self._lookup.is_unique
+
+    @cached_property
+    def _lookup(self) -> pd.Index | None:
+        """The previous commit's id hashes, to look rows up by (None without fingerprints)."""
+        return None if self.fingerprints is None else pd.Index(self.fingerprints[0])
+
     def positions(self, table: pa.Table, ids: pa.Array) -> np.ndarray:
         """Per row of ``table`` (whose ids are ``ids``): its row in the previous commit, or -1."""
-        if self.fingerprints is not None and all(
-            name in table.column_names for name in ID_FINGERPRINTS
+        lookup = self._lookup
+        if (
+            self.fingerprints is not None
+            and lookup is not None
+            and all(name in table.column_names for name in ID_FINGERPRINTS)
         ):
-            old_hash, old_check = self.fingerprints
+            old_check = self.fingerprints[1]
             new_hash, new_check = (_uint64(table.column(name)) for name in ID_FINGERPRINTS)
-            lookup = pd.Index(old_hash)
             if lookup.is_unique:
-                found = np.asarray(lookup.get_indexer(new_hash), dtype=np.int64)
+                found = np.asarray(lookup.get_indexer(pd.Index(new_hash)), dtype=np.int64)
                 hit = found >= 0
                 # The second 64 bits settle it: equal there too, the ids are equal.
                 if np.array_equal(old_check[found[hit]], new_check[hit]):
