@@ -48,11 +48,10 @@ from types import TracebackType
 from typing import Any, NamedTuple, NoReturn, Self
 
 import httpx
-import orjson
 
 from sync import __version__
 from sync.errors import AuthError, PermanentError, RetriableError
-from sync.orjson_safe import orjson_reads_exactly
+from sync.orjson_safe import NOT_READ, loads_exactly
 
 __all__ = ["AmberfloClient", "PendingIngest", "encode_json", "parse_retry_after"]
 
@@ -507,12 +506,8 @@ class _Answer:
         19 or more digits, because orjson turns integers beyond 64 bits into floats: the
         result is always the standard library's.
         """
-        if orjson_reads_exactly(self.content):
-            try:
-                return orjson.loads(self.content)
-            except orjson.JSONDecodeError:
-                pass
-        return json.loads(self.content)
+        document = loads_exactly(self.content)
+        return json.loads(self.content) if document is NOT_READ else document
 
 
 # -- the direct path --------------------------------------------------------------------------

@@ -7,7 +7,6 @@ unknown), only the status codes and the ``errorMessage``/``message`` keys are mo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -15,9 +14,7 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
-
-from sync.orjson_safe import orjson_reads_exactly
+from sync.orjson_safe import NOT_READ, loads_exactly
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
 """API Gateway's payload ceiling, applied to the body on the wire and after gunzip."""
@@ -95,11 +92,9 @@ def parse_json(body: bytes) -> Any:
     is one with a run of 19 or more digits, because orjson turns integers beyond 64 bits into
     floats.
     """
-    if orjson_reads_exactly(body):
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            pass
+    document = loads_exactly(body)
+    if document is not NOT_READ:
+        return document
     try:
         # UnicodeDecodeError is a ValueError too: not UTF-8 is reported as invalid JSON.
         return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
@@ -112,10 +107,7 @@ def parse_records(body: bytes) -> list[Any]:
     # orjson reads what Jackson reads (no NaN, UTF-8 checked) several times faster than the
     # standard library; whatever it refuses (NDJSON, bad input) is read again below, which
     # says what is wrong, and so is a body with 19 digits in a row (see parse_json).
-    document: Any = None
-    if orjson_reads_exactly(body):
-        with contextlib.suppress(orjson.JSONDecodeError):
-            document = orjson.loads(body)
+    document = loads_exactly(body)
     if type(document) is list:
         return document
     if type(document) is dict:
