@@ -242,16 +242,7 @@ class AmberfloClient:
         Delivery serializes each record once to size its batches; joining those bytes gives
         exactly the array :meth:`ingest` would send, without encoding every record twice.
         """
-        if not records:
-            return 0
-        response = self._send(
-            "POST",
-            f"{self._ingest_url}/ingest",
-            _INGEST,
-            content=_ingest_body(records),
-            headers=_GZIPPED,
-        )
-        return _ingested(response, len(records))
+        return self.start_ingest(records).result()
 
     @property
     def pipelines_ingest(self) -> bool:
@@ -266,21 +257,23 @@ class AmberfloClient:
 
         One thread can so keep several ingest requests on the wire, each on its own
         connection, with no thread per request: the events path's workers map the next batch
-        while Amberflo reads the last. :meth:`PendingIngest.result` returns or raises exactly
-        what :meth:`ingest_encoded` would. Without :attr:`pipelines_ingest` the whole request
-        is made by ``result()``.
+        while Amberflo reads the last. :meth:`PendingIngest.result` returns the count Amberflo
+        acknowledged or raises the mapped error, as :meth:`ingest` describes. Without
+        :attr:`pipelines_ingest` the whole request is made by ``result()``.
         """
-        if self._direct is None or not records:
-            return PendingIngest(lambda: self.ingest_encoded(records))
+        if not records:
+            return PendingIngest(lambda: 0)
+        url, content = f"{self._ingest_url}/ingest", _ingest_body(records)
         direct = self._direct
-        try:
-            sent = direct.send(
-                "POST",
-                f"{self._ingest_url}/ingest",
-                query="",
-                content=_ingest_body(records),
-                headers=_GZIPPED_FIELD,
+        if direct is None:
+            return PendingIngest(
+                lambda: _ingested(
+                    self._send("POST", url, _INGEST, content=content, headers=_GZIPPED),
+                    len(records),
+                )
             )
+        try:
+            sent = direct.send("POST", url, query="", content=content, headers=_GZIPPED_FIELD)
         except httpx.TransportError as exc:
             failure = self._transport_error(exc, _INGEST)
             return PendingIngest(lambda: _raise(failure))
@@ -312,7 +305,7 @@ class AmberfloClient:
                 return self._send_httpx(
                     method, url, endpoint, params=params, content=content, headers=headers
                 )
-            answer = self._direct.request(
+            sent = self._direct.send(
                 method,
                 url,
                 # Encoded as httpx encodes ``params`` (a space as "+"), so both paths send the
@@ -324,6 +317,7 @@ class AmberfloClient:
                     for name, value in (headers or {}).items()
                 ),
             )
+            answer = self._direct.answer(sent)
         except httpx.TransportError as exc:
             raise self._transport_error(exc, endpoint) from exc
         return self._checked(answer, endpoint)
@@ -400,7 +394,7 @@ class PendingIngest:
         self._answer = answer
 
     def result(self) -> int:
-        """Read the answer: the records acknowledged, or the error ``ingest_encoded`` raises."""
+        """Read the answer: the records acknowledged, or the mapped error."""
         return self._answer()
 
 
@@ -587,19 +581,6 @@ class _DirectPool:
         self._tls: ssl.SSLContext | None = None
         self._closed = False
 
-    def request(
-        self,
-        method: str,
-        url: str,
-        *,
-        query: str,
-        content: bytes | None,
-        headers: bytes,
-    ) -> _Answer:
-        """Send one request (``headers``: extra header fields, each ending in CRLF) and read
-        its whole answer."""
-        return self.answer(self.send(method, url, query=query, content=content, headers=headers))
-
     def send(
         self,
         method: str,
@@ -609,7 +590,8 @@ class _DirectPool:
         content: bytes | None,
         headers: bytes,
     ) -> _Sent:
-        """Write one request on a connection of its own; :meth:`answer` reads the answer."""
+        """Write one request (``headers``: extra header fields, each ending in CRLF) on a
+        connection of its own; :meth:`answer` reads its answer."""
         if self._closed:
             raise RuntimeError("Cannot send a request, as the client has been closed.")
         target = self._targets.get(url)
