@@ -471,6 +471,10 @@ class _Rejected:
     ref: str
     reason: str
 
+    def settled(self) -> _Settled:
+        """Its failed outcome, as a batch's outcomes are reported."""
+        return (self.ref,), Outcome(ref=self.ref, ok=False, reason=self.reason)
+
 
 # Records that share one outcome: a batch accepted whole, or the records of a failed part.
 # The outcome is one object for all of them (its ref is the first's): a batch of 100 costs
@@ -517,7 +521,7 @@ def deliver_meter_records(
 
     def work(unit: _Batch | _Rejected) -> list[_Settled]:
         if isinstance(unit, _Rejected):
-            return [((unit.ref,), Outcome(ref=unit.ref, ok=False, reason=unit.reason))]
+            return [unit.settled()]
         return _send_batch(client, policy, list(unit.items))
 
     def report(results: list[_Settled]) -> None:
@@ -613,7 +617,7 @@ def _pump_pipelined(
                 interrupted = True
                 break
             if isinstance(unit, _Rejected):
-                report([((unit.ref,), Outcome(ref=unit.ref, ok=False, reason=unit.reason))])
+                report([unit.settled()])
             else:
                 pipeline.send(unit)
         pipeline.finish()
@@ -695,21 +699,16 @@ class _Pipeline:
         except Exception as exc:  # noqa: BLE001 - AuthError (or a bug): raised at the end
             self.error = self.error or exc
             return
-        refs = [ref for ref, _ in batch.items]
-        self._report([(refs, Outcome(ref=refs[0], ok=True, status=200))])
+        self._report([_accepted(batch.items)])
 
     def _collect_retry(self, *, block: bool) -> None:
         try:
-            result, failure = self._retries.results.get(block=block)
+            done = self._retries.results.get(block=block)
         except queue.Empty:
             return
         self._retrying -= 1
-        if failure is None:
-            self._report(cast(list[_Settled], result))
-        elif isinstance(failure, Exception):
-            self.error = self.error or failure
-        else:
-            raise failure
+        failure = _reported(done, self._report)
+        self.error = self.error or failure
 
 
 def _send_batch(
@@ -739,8 +738,12 @@ def _send_batch(
         return [_failed(items, exc)]
     except RetriableError as exc:
         return [_failed(items, exc)]
+    return [_accepted(items)]
+
+
+def _accepted(items: Sequence[tuple[str, bytes]]) -> _Settled:
     refs = [ref for ref, _ in items]
-    return [(refs, Outcome(ref=refs[0], ok=True, status=200))]
+    return refs, Outcome(ref=refs[0], ok=True, status=200)
 
 
 def _failed(items: list[tuple[str, bytes]], exc: DeliveryError) -> _Settled:
@@ -830,19 +833,28 @@ def _pump(
                 pool.submit(unit, in_flight)
             if not in_flight:
                 break
-            result, failure = pool.results.get()
+            failure = _reported(pool.results.get(), report)
             in_flight -= 1
-            if failure is None:
-                report(cast(R, result))
-            elif isinstance(failure, Exception):
-                error = error or failure
-            else:
-                raise failure
+            error = error or failure
     finally:
         pool.shutdown()
     if error is not None:
         raise error
     return interrupted
+
+
+def _reported(
+    done: tuple[R, None] | tuple[None, BaseException], report: Callable[[R], None]
+) -> Exception | None:
+    """Report a worker's result, or return the Exception its unit raised (for the caller to
+    raise once the rest is settled); anything else it raised (KeyboardInterrupt) goes on now."""
+    result, failure = done
+    if failure is None:
+        report(cast(R, result))
+        return None
+    if isinstance(failure, Exception):
+        return failure
+    raise failure
 
 
 class _Workers(Generic[U, R]):
