@@ -20,8 +20,8 @@ records) in input order, so the accounting below is the same either way.
 
 Meter records flow as one stream: :func:`~sync.deliver.deliver_meter_records` pulls them as it
 has room for another batch in flight, so the input is read and mapped (on this thread) while
-earlier batches are on the wire (on delivery threads), and the senders never wait for a window
-to fill or drain. Memory stays bounded: only the records of the batches in flight and the one
+earlier batches are on the wire (pipelined from this thread too), and sends never wait for a
+window to fill or drain. Memory stays bounded: only the records of the batches in flight and the one
 being filled are held. Identify calls go in windows; within a window, calls for the same user
 are folded into one upsert, applied in order, so two concurrent merges of one customer cannot
 overwrite each other. A full window is delivered before reading goes on, which keeps the
@@ -221,7 +221,8 @@ def _event_workers(
     """Worker processes when the input is large enough to pay for them.
 
     Opened before the client and its delivery threads, so that the workers are forked from a
-    process with one thread. Standard input stays here: its size is not known up front.
+    process with no thread but the idle stop watcher. Standard input stays here: its size is
+    not known up front.
     """
     if workers < 1 or STDIN in paths:
         return nullcontext()
