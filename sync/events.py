@@ -92,27 +92,17 @@ class MeterEvent(NamedTuple):
         Raises ``ValueError`` where ``encode_json`` would: a value that is not finite, or text
         that cannot be UTF-8 (a lone surrogate).
         """
-        unique_id, customer_id, meter, value, millis, dimensions = self
+        value = self.meter_value
         if (
             type(value) is float
             and (_PLAIN_FLOATS_FROM <= abs(value) < _PLAIN_FLOATS_TO or value == 0.0)
-            and type(millis) is int
+            and type(self.meter_time_ms) is int
         ):
-            # orjson writes such a record in half the time, with the very bytes of the
+            # orjson writes such a record in about half the time, with the very bytes of the
             # standard encoder: the same escapes, and the same digits for a float written
-            # without an exponent (tests/test_events.py compares them). The record is spelled
-            # out rather than taken from as_record: a call less per event.
-            record = {
-                "uniqueId": unique_id,
-                "customerId": customer_id,
-                "meterApiName": meter,
-                "meterValue": value,
-                "meterTimeInMillis": millis,
-            }
-            if dimensions:
-                record["dimensions"] = dict(dimensions)
+            # without an exponent (tests/test_events.py compares them).
             try:
-                return orjson.dumps(record)
+                return orjson.dumps(self.as_record())
             except orjson.JSONEncodeError:
                 pass
         # Other numbers (an exponent, an int value, NaN), text orjson refuses (a lone
