@@ -865,18 +865,14 @@ def _numbers(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def _parquet_writer(table: pa.Table) -> Callable[[HashingWriter], int]:
-    def produce(out: HashingWriter) -> int:
-        encoded = encode_categories(table)
-        pq.write_table(encoded, out, **_write_options(encoded.schema))
-        return int(table.num_rows)
-
-    return produce
+    """Writes ``table`` as one Parquet file."""
+    return _parquet_parts_writer(iter([table]))
 
 
 def _parquet_parts_writer(tables: Iterator[pa.Table]) -> Callable[[HashingWriter], int]:
     """Writes ``tables`` (at least one, each of whole row groups but the last) as one Parquet
-    file, the same as :func:`_parquet_writer` of them together: each is encoded on a second
-    thread while the next one is made (the Parquet writer releases the GIL as it encodes)."""
+    file, the same as their concatenation written at once: each is encoded on a second thread
+    while the next one is made (the Parquet writer releases the GIL as it encodes)."""
 
     def produce(out: HashingWriter) -> int:
         first = encode_categories(next(tables))
