@@ -14,6 +14,8 @@ Any other setting can be overridden from the environment as
 from __future__ import annotations
 
 import os
+import platform
+import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -175,14 +177,18 @@ class Settings(BaseSettings):
         return self.api_key.get_secret_value()
 
 
-def prefer_system_allocator() -> None:
-    """Have pyarrow allocate with the C library's malloc unless ``ARROW_DEFAULT_MEMORY_POOL``
-    says otherwise; call before pyarrow is imported.
+def choose_arrow_allocator() -> None:
+    """Pick pyarrow's allocator unless ``ARROW_DEFAULT_MEMORY_POOL`` names one; call before
+    pyarrow is imported.
 
-    pyarrow's bundled mimalloc hands memory back to the kernel eagerly: on a small VM a dry run
-    of 1M users spent 2.2 to 2.8 s in the kernel with it, 0.8 s without, for the same work.
+    jemalloc where pyarrow's Linux x86-64 wheels carry it, else the C library's malloc; never
+    the bundled mimalloc, which handed memory back to the kernel so eagerly that a 1M-user dry
+    run spent 2.2 to 2.8 s in the kernel with it, against 0.8 s with malloc. jemalloc keeps
+    freed pages for reuse: a 10M-user dry run peaked at 2.9 GiB instead of 3.4 GiB with malloc,
+    and spent 2 s less in the kernel.
     """
-    os.environ.setdefault(ARROW_POOL_ENV_VAR, "system")
+    jemalloc_built_in = sys.platform == "linux" and platform.machine() == "x86_64"
+    os.environ.setdefault(ARROW_POOL_ENV_VAR, "jemalloc" if jemalloc_built_in else "system")
 
 
 def config_file_from(cli_value: Path | None) -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -87,14 +88,21 @@ def test_the_api_key_is_hidden_in_the_settings_repr(monkeypatch: pytest.MonkeyPa
     assert "very-secret-key" not in str(settings.model_dump())
 
 
-@pytest.mark.parametrize(("given", "used"), [(None, "system"), ("mimalloc", "mimalloc")])
-def test_pyarrow_allocates_with_malloc_unless_the_environment_says_otherwise(
+_CHOSEN_POOL = (
+    "jemalloc" if sys.platform == "linux" and platform.machine() == "x86_64" else "system"
+)
+
+
+@pytest.mark.parametrize(
+    ("given", "used"), [(None, _CHOSEN_POOL), ("system", "system"), ("mimalloc", "mimalloc")]
+)
+def test_pyarrow_allocates_with_jemalloc_unless_the_environment_says_otherwise(
     given: str | None, used: str
 ) -> None:
-    """The entry point makes pyarrow use the C library's allocator, and an explicit
-    ARROW_DEFAULT_MEMORY_POOL still wins."""
+    """The entry point picks pyarrow's allocator (jemalloc where its wheels carry it, malloc
+    elsewhere, never mimalloc), and an explicit ARROW_DEFAULT_MEMORY_POOL still wins."""
     probe = (
-        "from sync.config import prefer_system_allocator; prefer_system_allocator(); "
+        "from sync.config import choose_arrow_allocator; choose_arrow_allocator(); "
         "import pyarrow; print(pyarrow.default_memory_pool().backend_name)"
     )
     env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
