@@ -391,6 +391,25 @@ def test_a_truncated_state_is_refused_clearly_and_reset_recovers(
     assert len(emulator.customers()) == 37
 
 
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_damaged_state_is_named_even_when_the_snapshot_is_gone_too(
+    job: Job, dry_run: bool
+) -> None:
+    """The state loads while the snapshot is read; when both fail, the state's error is the
+    one reported (exit 1, naming the file and the way out), as when it was loaded first."""
+    job.use("snapshot-1.csv")
+    run_sync(job.settings(), RunOptions(), console=console())
+    table = job.state / "state.parquet"
+    table.write_bytes(table.read_bytes()[:100])
+    job.snapshot.unlink()
+
+    refused = job.cli("run", *(["--dry-run"] if dry_run else []))
+
+    assert refused.returncode == 1
+    assert str(table) in refused.stderr
+    assert "amberflo-sync state reset" in refused.stderr
+
+
 def test_an_unknown_format_version_names_the_manifest_and_the_way_out(job: Job) -> None:
     """A manifest from a newer version: show and info refuse, naming the file and reset."""
     job.use("snapshot-1.csv")
