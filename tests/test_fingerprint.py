@@ -1,0 +1,56 @@
+"""Id hashes are stored in every state: they must not change from one version to the next."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pyarrow as pa
+
+from sync.fingerprint import hash_strings, id_fingerprints
+
+IDS = ["", "a", "user_1", "0f8fad5b-d9cb-469f-a165-70867728950e", "émile@example.com", "x" * 17]
+# Computed when the state format was fixed; a state written then holds exactly these.
+HASHES = [
+    0xE9E0033E3BADAF36,
+    0x643823B4CCCC4E27,
+    0x0E766F694CADCD7A,
+    0x3646AF4AF7EACBE7,
+    0x36FD7807419897B3,
+    0x4D5FDF07D0D3B8BE,
+]
+CHECKS = [
+    0xDFC7A99951F24649,
+    0xB51B9C00E02D944C,
+    0xECCEBB9C5E171CE8,
+    0xBD4D24910B06043E,
+    0x20C3AC14BBBA44C5,
+    0xA7FEDC5D9E917C5C,
+]
+
+
+def test_id_fingerprints_are_the_ones_stored_states_hold() -> None:
+    """Pinned values; a null hashes like the empty string (callers mask nulls)."""
+    hashed, check = id_fingerprints(pa.array([*IDS, None], pa.string()))
+
+    assert hashed.tolist() == [*HASHES, HASHES[0]]
+    assert check.tolist() == [*CHECKS, CHECKS[0]]
+
+
+def test_many_blocks_and_chunks_hash_as_each_string_alone() -> None:
+    """Columns of several chunks (one empty), each of several blocks hashed on threads, give
+    every string the hash it has on its own, in place."""
+    strings = [f"id-{i}-{'z' * (i % 23)}" for i in range(170_006)]
+    sizes = (70_000, 0, 5, 100_001)
+    bounds = np.cumsum((0, *sizes))
+    column = pa.chunked_array(
+        [pa.array(strings[a:b], pa.string()) for a, b in itertools.pairwise(bounds)]
+    )
+    whole = hash_strings(column, (3, 5))
+    sample = [*range(0, len(strings), 9_973), len(strings) - 1]
+
+    alone = hash_strings(pa.array([strings[i] for i in sample], pa.large_string()), (3, 5))
+
+    assert whole.shape == (2, len(strings))
+    assert np.array_equal(whole[:, sample], alone)
+    assert len(set(whole[0].tolist())) == len(strings)
