@@ -403,8 +403,7 @@ def record_fingerprints(
     fingerprint = RecordFingerprint(len(users))
     for column in ("name", "email"):
         fingerprint.add_strings(column, _text(users, column))
-    for key in audience_keys:
-        fingerprint.add_flag(key, _audience(users, key)[0])
+    fingerprint.add_flags({key: _audience(users, key)[0] for key in audience_keys})
     for key in trait_keys:
         fingerprint.add_strings(key, _text(users, key))
     return fingerprint.finish()

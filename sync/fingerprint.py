@@ -23,8 +23,9 @@ Every function here is pure and vectorised: numpy over Arrow buffers, no Python 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final
+from typing import Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 U64 = npt.NDArray[np.uint64]
+_T = TypeVar("_T")
 
 UNKNOWN: Final = 0
 """The record fingerprint of a row whose source record is not known."""
@@ -61,6 +63,9 @@ def _finalise(h: U64) -> U64:
 _BLOCK: Final = 1 << 15
 # Threads that hash blocks of strings: one a core, a few at most (the passes are memory-bound).
 _THREADS: Final = min(os.cpu_count() or 1, 4)
+# Users a block when audiences are added: larger than _BLOCK, as each block costs a numpy
+# call per audience, and still a small share of the CPU cache.
+_FLAG_BLOCK: Final = 1 << 17
 
 
 def _string_buffers(values: pa.Array) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
@@ -164,14 +169,20 @@ def hash_strings(values: pa.Array | pa.ChunkedArray, seeds: tuple[int, ...] = (0
         _hash_block(offsets, data, seeds, hashes)
         out[:, first : first + hashes.shape[1]] = hashes  # blocks never overlap
 
-    if len(blocks) > 1 and _THREADS > 1:
-        with ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="hash") as pool:
-            for _ in pool.map(hash_block, blocks):
+    _on_threads(hash_block, blocks)
+    return out
+
+
+def _on_threads(work: Callable[[_T], None], items: Sequence[_T]) -> None:
+    """``work`` on each item, on a few threads when there are several (numpy releases the GIL
+    inside each pass, and the items touch disjoint rows)."""
+    if len(items) > 1 and _THREADS > 1:
+        with ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="fingerprint") as pool:
+            for _ in pool.map(work, items):
                 pass
     else:
-        for block in blocks:
-            hash_block(block)
-    return out
+        for item in items:
+            work(item)
 
 
 def id_fingerprints(ids: pa.Array | pa.ChunkedArray) -> tuple[U64, U64]:
@@ -191,13 +202,24 @@ class RecordFingerprint:
     def __init__(self, size: int) -> None:
         self._sum = np.zeros(size, dtype=np.uint64)
 
-    def add_flag(self, key: str, present: npt.NDArray[np.bool_]) -> None:
-        """An audience: a member adds the key's term; a non-member adds nothing.
+    def add_flags(self, flags: Mapping[str, npt.NDArray[np.bool_]]) -> None:
+        """Audiences, by key: a member adds the key's term; a non-member adds nothing.
 
         "false" and absent are the same here on purpose: a non-member's desired value depends
         only on whether the state holds a value, so the snapshot side need not tell them apart.
+
+        Every audience is added a block of users at a time, the blocks on a few threads: each
+        block's sums stay in the CPU cache across the columns (20 audiences of 10M users: 1.4 s
+        a column at a time, 0.7 s so on two cores).
         """
-        np.add(self._sum, _salt(f"audience\0{key}"), out=self._sum, where=present)
+        terms = [(_salt(f"audience\0{key}"), present) for key, present in flags.items()]
+
+        def add_block(start: int) -> None:
+            total = self._sum[start : start + _FLAG_BLOCK]
+            for salt, present in terms:
+                np.add(total, salt, out=total, where=present[start : start + _FLAG_BLOCK])
+
+        _on_threads(add_block, range(0, len(self._sum), _FLAG_BLOCK))
 
     def add_strings(self, key: str, values: pa.Array | pa.ChunkedArray) -> None:
         """A text value per user (nulls add nothing); dictionary-encoded text is hashed one

@@ -866,8 +866,8 @@ def _frame(users: _Users, keys: Mapping[str, str]) -> tuple[pd.DataFrame, dict[s
     for column, values in (("name", users.name), ("email", users.email)):
         fingerprint.add_strings(column, values)
         data[column] = _text_array(values)
+    fingerprint.add_flags({keys[name]: flags for name, flags in users.audiences.items()})
     for name, flags in users.audiences.items():
-        fingerprint.add_flag(keys[name], flags)
         # 1 ("true") for a member, -1 (absent) otherwise, made in int8 without a wider copy.
         codes = flags.astype(np.int8)
         codes <<= 1

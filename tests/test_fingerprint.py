@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pyarrow as pa
 
-from sync.fingerprint import hash_strings, id_fingerprints
+from sync.fingerprint import RecordFingerprint, hash_strings, id_fingerprints
 
 IDS = ["", "a", "user_1", "0f8fad5b-d9cb-469f-a165-70867728950e", "émile@example.com", "x" * 17]
 # Computed when the state format was fixed; a state written then holds exactly these.
@@ -54,3 +54,21 @@ def test_many_blocks_and_chunks_hash_as_each_string_alone() -> None:
     assert whole.shape == (2, len(strings))
     assert np.array_equal(whole[:, sample], alone)
     assert len(set(whole[0].tolist())) == len(strings)
+
+
+def test_audiences_added_together_give_each_user_its_own_sum() -> None:
+    """Several audiences over many blocks of users, added at once on threads, give each user
+    (at block edges and the very last one too) the fingerprint it has on its own."""
+    rng = np.random.default_rng(11)
+    users = 300_001
+    flags = {f"audience_{i}": rng.random(users) < share for i, share in enumerate((0.5, 0.01, 0.9))}
+    together = RecordFingerprint(users)
+    together.add_flags(flags)
+    combined = together.finish()
+    edges = [0, 1, (1 << 17) - 1, 1 << 17, (1 << 18) + 5, users - 1]
+
+    for user in [*edges, *rng.integers(0, users, 20).tolist()]:
+        alone = RecordFingerprint(1)
+        alone.add_flags({key: present[user : user + 1] for key, present in flags.items()})
+        assert combined[user] == alone.finish()[0], user
+    assert len(np.unique(combined)) == 2 ** len(flags)
