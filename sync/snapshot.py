@@ -31,7 +31,9 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import os
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TypeAlias
@@ -80,6 +82,8 @@ _UNSAFE: Final = r"[^-_ !.*'()&$@=;:+,?0-9A-Za-z]"
 # (huge, tiny) take the exact, slower per-value path.
 _FIXED_NOTATION: Final = (1e-4, 1e10)
 _RESERVED_KEYS: Final = ("name", "email")
+# Threads that turn audience columns into flags: one a core, a few at most.
+_THREADS: Final = min(os.cpu_count() or 1, 4)
 
 Bools = npt.NDArray[np.bool_]
 Ints = npt.NDArray[np.intp]
@@ -612,13 +616,18 @@ def _wide(files: Sequence[Path], source: SourceSettings, invalid: _Invalid) -> _
     audiences, traits = _split(
         names, source, lambda name: _looks_boolean(table.column(name), numbers=False)
     )
+    # Arrow's kernels and its conversion to numpy release the GIL, so the audience columns
+    # (a space has dozens) are turned into flags on a few threads.
+    with ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="snapshot") as pool:
+        flags = pool.map(
+            lambda name: _members(table.column(name), f"audience column {name!r}"), audiences
+        )
+        members = dict(zip(audiences, flags, strict=True))
     rows = _Users(
         ids=_plain_text(table.column(source.id_column), chunked=True),
         name=_optional_text(table, source.name_column, chunked=True),
         email=_optional_text(table, source.email_column, chunked=True),
-        audiences={
-            name: _members(table.column(name), f"audience column {name!r}") for name in audiences
-        },
+        audiences=members,
         traits={name: _flat(table.column(name)) for name in traits},
     )
     valid = np.flatnonzero(_without_missing_ids(rows.ids, origin, invalid))
