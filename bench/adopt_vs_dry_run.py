@@ -88,7 +88,10 @@ def _measure(
 ) -> dict[str, list[Sample]]:
     samples: dict[str, list[Sample]] = {label: [] for label in COMMANDS}
     for round_number in range(repeat):
-        for label, args in COMMANDS.items():
+        # Dry run first in odd rounds, adopt first in even ones: on this VM the second of two
+        # runs in a row was up to 8% faster, the same command both times.
+        order = list(COMMANDS.items())
+        for label, args in order if round_number % 2 == 0 else order[::-1]:
             state = work / "state"
             shutil.rmtree(state, ignore_errors=True)
             if base_state is not None:
