@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from sync.config import SourceSettings
@@ -15,6 +17,7 @@ from sync.diff import (
     KnownState,
     Snapshot,
     _merge_match,
+    _taken_rows,
     acknowledged_rows,
     apply_acknowledged,
     diff,
@@ -348,6 +351,63 @@ def test_bundled_samples_give_the_documented_counts() -> None:
     state = apply_acknowledged(KnownState.empty(), initial, initial.desired.index)
     summary = diff(second, state).summary
     assert (summary.added, summary.changed, summary.exited) == (2, 15, 1)
+
+
+def test_snapshots_read_in_many_chunks_diff_as_read_in_one(tmp_path: Path) -> None:
+    """A Parquet snapshot of many row groups holds its ids, names and emails in many chunks,
+    which the diff takes rows from a chunk at a time: the users to send, their values and the
+    refreshed fingerprints are those of the same snapshot in one chunk."""
+    examples = Path(__file__).resolve().parent.parent / "examples" / "engage"
+    source = {"name_column": "name", "email_column": "email"}
+
+    def both(name: str) -> tuple[Snapshot, Snapshot]:
+        frame = pd.read_csv(examples / name, dtype="string")
+        # Without the sample's invalid rows, which the reader drops by gathering the rest into
+        # one chunk.
+        frame = frame.dropna(subset=["user_id"]).drop_duplicates("user_id", keep=False)
+        read = []
+        for rows_a_group in (1_000, 4):
+            path = tmp_path / f"{rows_a_group}-{name}.parquet"
+            frame.to_parquet(path, row_group_size=rows_a_group, index=False)
+            read.append(read_snapshot(SourceSettings(path=str(path), **source), {}))
+        assert read[1].base.index.array._pa_array.num_chunks > 1
+        return read[0], read[1]
+
+    first_whole, _ = both("snapshot-1.csv")
+    second_whole, second_chunked = both("snapshot-2.csv")
+    initial = diff(first_whole, KnownState.empty())
+    state = apply_acknowledged(KnownState.empty(), initial, initial.desired.index)
+    # Rows without fingerprints are compared value by value and come back refreshed.
+    stale = KnownState(
+        state.users.assign(_hash=np.uint64(0)), state.audience_keys, state.trait_keys
+    )
+
+    for known in (state, stale):
+        whole, chunked = diff(second_whole, known), diff(second_chunked, known)
+        assert _desired(chunked) == _desired(whole) != {}
+        assert _kinds(chunked) == _kinds(whole)
+        assert chunked.desired.equals(whole.desired)
+        assert chunked.refreshed.equals(whole.refreshed)
+    assert len(diff(second_chunked, stale).refreshed) > 0
+
+
+@pytest.mark.parametrize("sizes", [(5,), (3, 0, 4, 1, 6), (0, 0)])
+def test_rows_taken_a_chunk_at_a_time_come_in_the_order_asked_with_nulls(
+    sizes: tuple[int, ...],
+) -> None:
+    """Rows in any order, repeated, or negative (null), from a column in any number of chunks
+    (some empty): the values a plain take of the joined column gives."""
+    values = [f"v{i}" if i % 4 else None for i in range(sum(sizes))]
+    bounds = np.cumsum((0, *sizes))
+    column = pa.chunked_array(
+        [pa.array(values[a:b], pa.string()) for a, b in itertools.pairwise(bounds)], pa.string()
+    )
+    rng = np.random.default_rng(len(sizes))
+    rows = rng.integers(-2, max(len(values), 1), 40) if values else np.array([-1, -1])
+
+    taken = _taken_rows(column, rows)
+
+    assert taken.to_pylist() == [values[row] if row >= 0 else None for row in rows]
 
 
 def test_an_inferred_audience_that_lost_its_last_member_still_sends_the_exits(
