@@ -329,14 +329,19 @@ def _text(frame: pd.DataFrame, column: str, rows: Ints | None = None) -> pa.Arra
 def _taken_rows(values: pa.Array | pa.ChunkedArray, rows: Ints) -> pa.Array:
     """``values`` at ``rows`` as one array; a negative row gives a null.
 
-    A column of many chunks is taken a chunk at a time: Arrow's take of a chunked string column
-    joins every chunk first, a copy of the whole column (0.25 s for a column of ten million
-    emails, to take a few thousand of them).
+    A few rows of a column of many chunks are taken a chunk at a time: Arrow's take of a chunked
+    string column joins every chunk first, a copy of the whole column (0.25 s for a column of
+    ten million emails, to take a few thousand of them). Taking most of a column, that copy
+    costs about what the take does, less than sorting the rows by chunk.
     """
     missing = rows < 0
     wanted = np.maximum(rows, 0)
-    if not isinstance(values, pa.ChunkedArray) or values.num_chunks <= 1:
-        taken = values.take(pa.array(wanted, mask=missing))
+    if (
+        not isinstance(values, pa.ChunkedArray)
+        or values.num_chunks <= 1
+        or 2 * len(rows) >= len(values)
+    ):
+        taken = values.take(pa.array(wanted, mask=missing if missing.any() else None))
         return taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
     order = np.argsort(wanted, kind="stable")
     ordered = wanted[order]
@@ -1041,11 +1046,10 @@ class InitialState:
 
     def _frame(self, rows: Ints, pool: ThreadPoolExecutor) -> pd.DataFrame:
         """The users frame of ``rows`` (snapshot rows, in id order), gathered on ``pool``."""
-        indices = pa.array(rows)
         record_hash, id_hash, id_check = self.hashes
         # Largest first, so that the last job to finish is a short one.
-        index = pool.submit(_taken, self.ids, indices)
-        text = {name: pool.submit(_taken, self.text[name], indices) for name in self.text}
+        index = pool.submit(_taken_rows, self.ids, rows)
+        text = {name: pool.submit(_taken_rows, self.text[name], rows) for name in self.text}
         traits = {key: pool.submit(self.traits[key], rows) for key in self.trait_keys}
         codes = {key: pool.submit(_member_codes, self.members[key], rows) for key in self.members}
         hashes = pool.submit(lambda: (record_hash[rows], id_hash[rows], id_check[rows]))
@@ -1077,12 +1081,6 @@ def _held_text(values: pd.api.extensions.ExtensionArray) -> pa.Array:
     """
     arrow = pa.array(values, from_pandas=True)
     return arrow.combine_chunks() if isinstance(arrow, pa.ChunkedArray) else arrow
-
-
-def _taken(values: pa.Array | pa.ChunkedArray, indices: pa.Array) -> pa.Array:
-    """``values`` at ``indices``, as one array."""
-    taken = values.take(indices)
-    return taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
 
 
 def _member_codes(flags: Bools, rows: Ints) -> npt.NDArray[np.int8]:
@@ -1141,11 +1139,10 @@ def _concat_take(
     """Rows ``order`` of ``first`` then ``second`` (both in canonical form, same columns),
     with ``hashes`` as ``first``'s ``_hash``: each column copied once, in Arrow or numpy, the
     columns on a small thread pool (both release the GIL while they copy)."""
-    indices = pa.array(order)
     data: dict[str, object] = {}
     # Pandas is read here, in this thread; the pool only runs Arrow and numpy on what it gets.
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-        index = pool.submit(_taken, _chunks(first.index.array, second.index.array), indices)
+        index = pool.submit(_taken_rows, _chunks(first.index.array, second.index.array), order)
         for column in first.columns:
             head, tail = first[column], second[column]
             if column == HASH:
@@ -1156,7 +1153,7 @@ def _concat_take(
             elif isinstance(head.dtype, np.dtype):
                 data[column] = pool.submit(_gather, head.to_numpy(), tail.to_numpy(), order)
             else:
-                data[column] = pool.submit(_taken, _chunks(head.array, tail.array), indices)
+                data[column] = pool.submit(_taken_rows, _chunks(head.array, tail.array), order)
         for column, value in data.items():
             if isinstance(value, tuple):
                 dtype, coded = value

@@ -391,19 +391,23 @@ def test_snapshots_read_in_many_chunks_diff_as_read_in_one(tmp_path: Path) -> No
     assert len(diff(second_chunked, stale).refreshed) > 0
 
 
-@pytest.mark.parametrize("sizes", [(5,), (3, 0, 4, 1, 6), (0, 0)])
+@pytest.mark.parametrize(
+    ("sizes", "count"),
+    [((50,), 10), ((30, 0, 40, 10, 60), 40), ((30, 0, 40, 10, 60), 400), ((0, 0), 2)],
+)
 def test_rows_taken_a_chunk_at_a_time_come_in_the_order_asked_with_nulls(
-    sizes: tuple[int, ...],
+    sizes: tuple[int, ...], count: int
 ) -> None:
-    """Rows in any order, repeated, or negative (null), from a column in any number of chunks
-    (some empty): the values a plain take of the joined column gives."""
+    """Rows in any order, repeated, or negative (null), a few or more than the column holds,
+    from a column in any number of chunks (some empty): the values a plain take of the joined
+    column gives."""
     values = [f"v{i}" if i % 4 else None for i in range(sum(sizes))]
     bounds = np.cumsum((0, *sizes))
     column = pa.chunked_array(
         [pa.array(values[a:b], pa.string()) for a, b in itertools.pairwise(bounds)], pa.string()
     )
-    rng = np.random.default_rng(len(sizes))
-    rows = rng.integers(-2, max(len(values), 1), 40) if values else np.array([-1, -1])
+    rng = np.random.default_rng(count)
+    rows = rng.integers(-2, len(values), count) if values else np.full(count, -1)
 
     taken = _taken_rows(column, rows)
 
