@@ -54,7 +54,6 @@ a Python loop over users.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -70,6 +69,7 @@ import pyarrow.compute as pc
 from sync.fingerprint import UNKNOWN, RecordFingerprint, id_fingerprints
 from sync.idorder import insertion_points, sort_order
 from sync.model import ChangeKind, DiffSummary, KeyStats, UserChange
+from sync.threads import WORKERS
 
 __all__ = [
     "AUDIENCE_DTYPE",
@@ -101,8 +101,6 @@ TEXT_DTYPE: Final = pd.StringDtype("pyarrow")
 # instead of a string, and frames concatenate without re-coding.
 AUDIENCE_DTYPE: Final = pd.CategoricalDtype(["false", "true"])
 _FALSE, _TRUE, _ABSENT = 0, 1, -1
-# Threads for column-at-a-time copies: Arrow and numpy release the GIL, so each core helps.
-_WORKERS: Final = min(4, os.cpu_count() or 1)
 
 Kind = Literal["added", "changed", "exited", "unchanged"]
 KINDS: Final[tuple[Kind, ...]] = ("added", "changed", "exited", "unchanged")
@@ -1033,14 +1031,14 @@ class InitialState:
 
     def whole(self) -> KnownState:
         """The whole state."""
-        with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
             users = self._frame(self.rows, pool)
         return KnownState(users, self.audience_keys, self.trait_keys)
 
     def parts(self, size: int) -> Iterator[pd.DataFrame]:
         """The state's users in consecutive parts of ``size`` users (the last may be short;
         one empty part when there are no users, so that its columns are known)."""
-        with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
             for start in range(0, max(len(self.rows), 1), size):
                 yield self._frame(self.rows[start : start + size], pool)
 
@@ -1141,7 +1139,7 @@ def _concat_take(
     columns on a small thread pool (both release the GIL while they copy)."""
     data: dict[str, object] = {}
     # Pandas is read here, in this thread; the pool only runs Arrow and numpy on what it gets.
-    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         index = pool.submit(_taken_rows, _chunks(first.index.array, second.index.array), order)
         for column in first.columns:
             head, tail = first[column], second[column]

@@ -22,18 +22,17 @@ Every function here is pure and vectorised: numpy over Arrow buffers, no Python 
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Final, TypeVar
+from collections.abc import Mapping
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sync.threads import map_on_threads
+
 U64 = npt.NDArray[np.uint64]
-_T = TypeVar("_T")
 
 UNKNOWN: Final = 0
 """The record fingerprint of a row whose source record is not known."""
@@ -61,8 +60,6 @@ def _finalise(h: U64) -> U64:
 # passes below allocated and faulted in fresh pages, which made hashing ten million ids ten
 # times slower per row than hashing one million.
 _BLOCK: Final = 1 << 15
-# Threads that hash blocks of strings: one a core, a few at most (the passes are memory-bound).
-_THREADS: Final = min(os.cpu_count() or 1, 4)
 # Users a block when audiences are added: larger than _BLOCK, as each block costs a numpy
 # call per audience, and still a small share of the CPU cache.
 _FLAG_BLOCK: Final = 1 << 17
@@ -169,20 +166,8 @@ def hash_strings(values: pa.Array | pa.ChunkedArray, seeds: tuple[int, ...] = (0
         _hash_block(offsets, data, seeds, hashes)
         out[:, first : first + hashes.shape[1]] = hashes  # blocks never overlap
 
-    _on_threads(hash_block, blocks)
+    map_on_threads(hash_block, blocks)
     return out
-
-
-def _on_threads(work: Callable[[_T], None], items: Sequence[_T]) -> None:
-    """``work`` on each item, on a few threads when there are several (numpy releases the GIL
-    inside each pass, and the items touch disjoint rows)."""
-    if len(items) > 1 and _THREADS > 1:
-        with ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="fingerprint") as pool:
-            for _ in pool.map(work, items):
-                pass
-    else:
-        for item in items:
-            work(item)
 
 
 def id_fingerprints(ids: pa.Array | pa.ChunkedArray) -> tuple[U64, U64]:
@@ -219,7 +204,7 @@ class RecordFingerprint:
             for salt, present in terms:
                 np.add(total, salt, out=total, where=present[start : start + _FLAG_BLOCK])
 
-        _on_threads(add_block, range(0, len(self._sum), _FLAG_BLOCK))
+        map_on_threads(add_block, range(0, len(self._sum), _FLAG_BLOCK))
 
     def add_strings(self, key: str, values: pa.Array | pa.ChunkedArray) -> None:
         """A text value per user (nulls add nothing); dictionary-encoded text is hashed one

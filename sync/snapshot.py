@@ -31,9 +31,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
-import os
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TypeAlias
@@ -63,6 +61,7 @@ from sync.diff import (
 from sync.errors import ConfigError, SourceError
 from sync.fingerprint import U64, RecordFingerprint, id_fingerprints
 from sync.keys import MAX_DIMENSION_LENGTH, format_value, snake_case, wire_value
+from sync.threads import map_on_threads
 
 __all__ = ["CONFLICTING_DUPLICATE", "MISSING_ID", "Snapshot", "read_snapshot"]
 
@@ -82,8 +81,6 @@ _UNSAFE: Final = r"[^-_ !.*'()&$@=;:+,?0-9A-Za-z]"
 # (huge, tiny) take the exact, slower per-value path.
 _FIXED_NOTATION: Final = (1e-4, 1e10)
 _RESERVED_KEYS: Final = ("name", "email")
-# Threads that turn audience columns into flags: one a core, a few at most.
-_THREADS: Final = min(os.cpu_count() or 1, 4)
 
 Bools = npt.NDArray[np.bool_]
 Ints = npt.NDArray[np.intp]
@@ -616,13 +613,11 @@ def _wide(files: Sequence[Path], source: SourceSettings, invalid: _Invalid) -> _
     audiences, traits = _split(
         names, source, lambda name: _looks_boolean(table.column(name), numbers=False)
     )
-    # Arrow's kernels and its conversion to numpy release the GIL, so the audience columns
-    # (a space has dozens) are turned into flags on a few threads.
-    with ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="snapshot") as pool:
-        flags = pool.map(
-            lambda name: _members(table.column(name), f"audience column {name!r}"), audiences
-        )
-        members = dict(zip(audiences, flags, strict=True))
+    # A space has dozens of audience columns: they become flags on a few threads.
+    flags = map_on_threads(
+        lambda name: _members(table.column(name), f"audience column {name!r}"), audiences
+    )
+    members = dict(zip(audiences, flags, strict=True))
     rows = _Users(
         ids=_plain_text(table.column(source.id_column), chunked=True),
         name=_optional_text(table, source.name_column, chunked=True),

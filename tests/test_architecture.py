@@ -26,17 +26,19 @@ ALLOWED: dict[str, set[str]] = {
     "sync.progress": set(),
     "sync.signals": set(),
     "sync.orjson_safe": set(),
+    "sync.threads": set(),
     # pure core
     "sync.keys": set(),
-    "sync.fingerprint": set(),
+    "sync.fingerprint": {"sync.threads"},
     "sync.idorder": set(),
-    "sync.diff": BASE | {"sync.fingerprint", "sync.idorder"},
+    "sync.diff": BASE | {"sync.fingerprint", "sync.idorder", "sync.threads"},
     "sync.plan": BASE | {"sync.diff"},
     "sync.report": BASE,
     "sync.events": BASE | {"sync.keys"},
     "sync.history": set(),
     # adapters: they do not import each other
-    "sync.snapshot": BASE | {"sync.config", "sync.diff", "sync.fingerprint", "sync.keys"},
+    "sync.snapshot": BASE
+    | {"sync.config", "sync.diff", "sync.fingerprint", "sync.keys", "sync.threads"},
     "sync.event_input": BASE | {"sync.events", "sync.orjson_safe"},
     "sync.amberflo": BASE | {"sync.orjson_safe"},
     "sync.state": BASE,
