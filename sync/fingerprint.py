@@ -43,6 +43,7 @@ _MIX1: Final = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2: Final = np.uint64(0x94D049BB133111EB)
 _ID_SEEDS: Final = (0x243F6A8885A308D3, 0x13198A2E03707344)
 _RECORD_BASE: Final = np.uint64(0xA4093822299F31D0)
+_SHIFT: Final = np.uint64(29)
 
 
 def _finalise(h: U64) -> U64:
@@ -81,51 +82,52 @@ def _string_buffers(values: pa.Array) -> tuple[npt.NDArray[np.int64], npt.NDArra
     return offsets - offsets[0], data
 
 
-def _hash_block(
-    offsets: npt.NDArray[np.int64], data: npt.NDArray[np.uint8], seeds: tuple[int, ...], out: U64
-) -> None:
+def _padded_words(text: pa.Array) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
+    """Each string's length in bytes, and its bytes as a row of little-endian words, zero-padded
+    to the longest string: a ``(rows, words)`` matrix. Nulls read as empty strings.
+
+    Arrow pads every string to one width in a single C++ pass, after which the strings are
+    rows of a plain matrix: each word of every string is one strided column, read with no
+    gather at all.
+    """
+    if text.null_count:
+        text = text.fill_null("")
+    offsets, _ = _string_buffers(text)
+    lengths = np.diff(offsets)
+    width = max(8, -(-int(lengths.max()) // 8) * 8)
+    # ascii_rpad counts bytes (it never decodes UTF-8), so every padded string is width bytes.
+    padded = pc.ascii_rpad(text, width=width, padding="\0")
+    _, data = _string_buffers(padded)
+    if len(data) != len(text) * width:
+        raise AssertionError(f"padding {len(text)} strings to {width} bytes gave {len(data)}")
+    return lengths, np.ascontiguousarray(data).view("<u8").reshape(len(text), width // 8)
+
+
+def _hash_block(text: pa.Array, seeds: tuple[int, ...], out: U64) -> None:
     """Hash the strings of one block into ``out`` (shape ``(len(seeds), rows)``).
 
-    ``offsets`` are the block's ``rows + 1`` offsets into ``data``, the whole column's bytes.
+    Per string and seed: start from its length and the seed, mix in each 8-byte word of the
+    string (the last one zero-padded), then finalise. A string takes no more words than it
+    has, so padding never changes a hash.
     """
-    first, last = int(offsets[0]), int(offsets[-1])
-    # The block's bytes plus two spare words, so a read of the word after the last one stays in
-    # bounds.
-    padded = np.zeros((last - first + 7) // 8 * 8 + 16, dtype=np.uint8)
-    padded[: last - first] = data[first:last]
-    words = padded.view("<u8")
-    starts = offsets[:-1] - first
-    lengths = offsets[1:] - offsets[:-1]
+    lengths, words = _padded_words(text)
     for i, seed in enumerate(seeds):
         out[i] = lengths.astype(np.uint64) * _GOLDEN + np.uint64(seed)
-    longest = int(lengths.max())
-    rows: npt.NDArray[np.intp] | None = None  # None: every row is still being read
-    for at in range(0, longest, 8):
-        if rows is None and int(lengths.min()) <= at:
-            rows = np.flatnonzero(lengths > at)
-        elif rows is not None:
-            rows = rows[lengths[rows] > at]
-        position = starts + at if rows is None else starts[rows] + at
-        word_index = position >> 3
-        shift = ((position & 7) << 3).astype(np.uint64)
-        # An unaligned 8-byte read from two aligned ones; (x << 1) << (63 - s) is x << (64 - s)
-        # without the undefined shift by 64 when s == 0.
-        word = (words[word_index] >> shift) | (
-            (words[word_index + 1] << np.uint64(1)) << (np.uint64(63) - shift)
-        )
-        remaining = lengths - at if rows is None else lengths[rows] - at
-        tail = remaining < 8
-        if tail.any():
-            keep_bits = (np.minimum(remaining, 7).astype(np.uint64)) << np.uint64(3)
-            word = np.where(tail, word & ((np.uint64(1) << keep_bits) - np.uint64(1)), word)
-        for i in range(len(seeds)):
-            current = out[i] if rows is None else out[i, rows]
-            mixed = (current ^ word) * _MIX1
-            mixed ^= mixed >> np.uint64(29)
-            if rows is None:
-                out[i] = mixed
+    shortest = int(lengths.min())
+    mixed = np.empty(len(lengths), dtype=np.uint64)
+    shifted = np.empty_like(mixed)
+    for index in range(words.shape[1]):
+        word = words[:, index]
+        reading = None if shortest > 8 * index else lengths > 8 * index
+        for current in out:
+            np.bitwise_xor(current, word, out=mixed)
+            np.multiply(mixed, _MIX1, out=mixed)
+            np.right_shift(mixed, _SHIFT, out=shifted)
+            np.bitwise_xor(mixed, shifted, out=mixed)
+            if reading is None:
+                current[...] = mixed
             else:
-                out[i, rows] = mixed
+                np.copyto(current, mixed, where=reading)
     for i in range(len(seeds)):
         out[i] = _finalise(out[i])
 
@@ -137,34 +139,29 @@ def _is_text(kind: pa.DataType) -> bool:
 def hash_strings(values: pa.Array | pa.ChunkedArray, seeds: tuple[int, ...] = (0,)) -> U64:
     """One 64-bit hash per string and seed: an array of shape ``(len(seeds), len(values))``.
 
-    The strings are read eight bytes at a time straight from the Arrow buffers (two aligned
-    word loads and a shift per string and word), a block of rows at a time, so the cost is a
-    few numpy passes per eight bytes of the longest strings of each block. Null slots hash like
-    the empty string: callers mask them.
+    The strings are hashed a block of rows at a time, each block padded into a matrix of
+    8-byte words (see :func:`_padded_words`), so the cost is a few numpy passes per word of the
+    longest string of each block. Null slots hash like the empty string: callers mask them.
 
     Blocks are hashed on a few threads: numpy releases the GIL inside each pass, so ten million
-    ids hash in 1.3 s on two cores instead of 2.3 s on one.
+    ids hash in 0.6 s on two cores (gathering each word from the Arrow buffers instead took
+    1.3 s).
     """
     # Chunk by chunk: joining the chunks first would copy every string.
     chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
     out = np.empty((len(seeds), len(values)), dtype=np.uint64)
-    blocks: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8], int]] = []
+    blocks: list[tuple[pa.Array, int]] = []
     row = 0
     for chunk in chunks:
         text = chunk if _is_text(chunk.type) else chunk.cast(pa.large_string())
-        if len(text) == 0:
-            continue
-        offsets, data = _string_buffers(text)
-        for start in range(0, len(text), _BLOCK):
-            stop = min(start + _BLOCK, len(text))
-            blocks.append((offsets[start : stop + 1], data, row + start))
+        blocks.extend(
+            (text.slice(start, _BLOCK), row + start) for start in range(0, len(text), _BLOCK)
+        )
         row += len(text)
 
-    def hash_block(block: tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8], int]) -> None:
-        offsets, data, first = block
-        hashes = np.empty((len(seeds), len(offsets) - 1), dtype=np.uint64)
-        _hash_block(offsets, data, seeds, hashes)
-        out[:, first : first + hashes.shape[1]] = hashes  # blocks never overlap
+    def hash_block(block: tuple[pa.Array, int]) -> None:
+        text, first = block
+        _hash_block(text, seeds, out[:, first : first + len(text)])  # blocks never overlap
 
     map_on_threads(hash_block, blocks)
     return out

@@ -72,3 +72,15 @@ def test_audiences_added_together_give_each_user_its_own_sum() -> None:
         alone.add_flags({key: present[user : user + 1] for key, present in flags.items()})
         assert combined[user] == alone.finish()[0], user
     assert len(np.unique(combined)) == 2 ** len(flags)
+
+
+def test_padding_never_makes_strings_alike() -> None:
+    """Blocks are zero-padded to their longest string: a string ending in zero bytes, or one
+    sharing a block with much longer ones, still hashes as it does alone."""
+    strings = ["a", "a\0", "a\0\0\0\0\0\0\0", "a\0\0\0\0\0\0\0\0", "é", "日本", "", None, "q" * 70]
+    together = hash_strings(pa.array(strings, pa.string()), (7,))[0]
+
+    alone = [hash_strings(pa.array([text], pa.string()), (7,))[0, 0] for text in strings]
+
+    assert together.tolist() == [int(value) for value in alone]
+    assert len(set(together[:4].tolist())) == 4
