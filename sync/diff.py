@@ -66,7 +66,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sync.fingerprint import UNKNOWN, RecordFingerprint, id_fingerprints
+from sync.fingerprint import (
+    UNKNOWN,
+    HashOrder,
+    RecordFingerprint,
+    id_fingerprints,
+    order_hashes,
+    row_bits,
+)
 from sync.idorder import insertion_points, sort_order
 from sync.model import ChangeKind, DiffSummary, KeyStats, UserChange
 from sync.threads import WORKERS
@@ -166,7 +173,8 @@ class Snapshot:
     wire text. ``key_names`` maps each key to the name it came from; ``invalid`` lists the rows
     left out (``customer_id`` (NA when missing), ``source`` file, ``row`` (1-based record
     number in that file), ``reason``) and ``invalid_counts`` counts them by reason; ``files``
-    are the files read, in order.
+    are the files read, in order. ``id_order`` is the :class:`HashOrder` of ``base``'s
+    ``_id_hash`` when the reader sorted it already (the diff sorts it otherwise).
     """
 
     base: pd.DataFrame
@@ -177,6 +185,7 @@ class Snapshot:
     invalid: pd.DataFrame = field(default_factory=_empty_invalid)
     invalid_counts: Mapping[str, int] = field(default_factory=dict)
     files: tuple[str, ...] = ()
+    id_order: HashOrder | None = None
 
     @cached_property
     def users(self) -> pd.DataFrame:
@@ -457,7 +466,10 @@ def _match(snapshot: pd.DataFrame, state: pd.DataFrame, table: pd.Index | None =
 
 
 def _fast_match(
-    snapshot: tuple[U64, U64], state: tuple[U64, U64], table: pd.Index | None = None
+    snapshot: tuple[U64, U64],
+    state: tuple[U64, U64],
+    table: pd.Index | None = None,
+    snap_order: HashOrder | None = None,
 ) -> Ints | None:
     """:func:`_match` on id fingerprints alone; None when they cannot settle it.
 
@@ -466,7 +478,7 @@ def _fast_match(
     """
     (snap_hash, snap_check), (state_hash, state_check) = snapshot, state
     if table is None:
-        positions = _merge_match(snap_hash, state_hash)
+        positions = _merge_match(snap_hash, state_hash, snap_order)
         if positions is None:
             return None
     else:
@@ -479,47 +491,33 @@ def _fast_match(
     return positions
 
 
-def _packed(hashes: U64, bits: int) -> tuple[U64, Ints]:
-    """Each hash's high ``64 - bits`` bits (low bits zero), sorted, and the row each came from.
-
-    The row rides in the low bits through one plain sort of ``uint64`` values, which numpy
-    vectorises: several times faster than an argsort of ten million hashes.
-    """
-    packed = hashes >> np.uint64(bits)
-    packed <<= np.uint64(bits)
-    packed |= np.arange(len(hashes), dtype=np.uint64)
-    packed.sort()
-    low = np.uint64((1 << bits) - 1)
-    rows = (packed & low).astype(np.intp)
-    packed &= ~low
-    return packed, rows
-
-
-def _merge_match(snap_hash: U64, state_hash: U64) -> Ints | None:
+def _merge_match(
+    snap_hash: U64, state_hash: U64, snap_order: HashOrder | None = None
+) -> Ints | None:
     """For each snapshot hash, the state row with the same hash, or -1; None if the state
     repeats a hash.
 
-    Both sides are sorted by their hashes' high bits and merged with a search of sorted keys,
-    which walks memory in order; a pandas hash table of ten million ``uint64`` probes memory
-    at random and took longer. Hashes whose high bits agree but whose low bits differ (a few
-    among millions) are told apart by comparing whole hashes, one step at a time.
+    Both sides are sorted by their hashes' high bits (see :class:`HashOrder`; the snapshot's
+    order comes from reading it, when it was sorted there) and merged with a search of sorted
+    keys, which walks memory in order; a pandas hash table of ten million ``uint64`` probes
+    memory at random and took longer. Hashes whose high bits agree but whose low bits differ
+    (a few among millions) are told apart by comparing whole hashes, one step at a time.
     """
     if len(state_hash) == 0:
         return np.full(len(snap_hash), -1, dtype=np.intp)
-    bits = max(len(snap_hash), len(state_hash)).bit_length()
-
-    def sorted_side(hashes: U64) -> tuple[U64, Ints, U64]:
-        packed, rows = _packed(hashes, bits)
-        return packed, rows, hashes[rows]
-
-    # The two sides sort at once: numpy's sort and gathers release the GIL (ten million users
-    # a side: about 0.5 s each).
+    bits = row_bits(len(snap_hash), len(state_hash))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sort") as pool:
-        state_side = pool.submit(sorted_side, state_hash)
-        probes, probe_rows, probe_whole = sorted_side(snap_hash)
-        stored, stored_rows, stored_whole = state_side.result()
-    twins = np.flatnonzero(stored[1:] == stored[:-1])
-    if (stored_whole[twins] == stored_whole[twins + 1]).any():
+        # The two sides sort at once: numpy's sort and gathers release the GIL (ten million
+        # users a side: about 0.5 s each).
+        state_side = pool.submit(order_hashes, state_hash, bits)
+        if snap_order is None or snap_order.bits != bits:
+            snap_order = order_hashes(snap_hash, bits)
+        probes, probe_rows = snap_order.keys, snap_order.rows
+        probe_whole = snap_hash[probe_rows]
+        stored_order = state_side.result()
+    stored, stored_rows = stored_order.keys, stored_order.rows
+    stored_whole = state_hash[stored_rows]
+    if stored_order.repeated(state_hash).any():
         return None
     last = len(stored) - 1
     at = np.minimum(np.searchsorted(stored, probes), last)
@@ -540,8 +538,11 @@ def _merge_match(snap_hash: U64, state_hash: U64) -> Ints | None:
     return positions
 
 
-def _locate(snapshot: pd.DataFrame, state: KnownState) -> tuple[Ints, KnownState]:
-    """:func:`_match` of the snapshot against a whole or partial state.
+def _locate(
+    snapshot: pd.DataFrame, state: KnownState, order: HashOrder | None = None
+) -> tuple[Ints, KnownState]:
+    """:func:`_match` of the snapshot against a whole or partial state (``order``: of the
+    snapshot's ``_id_hash``, when known).
 
     A partial state is matched on its stored fingerprints; it is loaded whole (and returned
     so) only when they cannot settle it: rows without fingerprints, or an id collision.
@@ -549,7 +550,7 @@ def _locate(snapshot: pd.DataFrame, state: KnownState) -> tuple[Ints, KnownState
     if state.fetch is not None and len(state.users):
         stored = _stored_id_fingerprints(state.users)
         if stored is not None:
-            found = _fast_match(_id_fingerprints(snapshot), stored)
+            found = _fast_match(_id_fingerprints(snapshot), stored, snap_order=order)
             if found is not None:
                 return found, state
         state = state.whole()
@@ -741,7 +742,7 @@ class _Sides:
 
 def diff(snapshot: Snapshot, state: KnownState, *, full: bool = False, samples: int = 20) -> Diff:
     """Compare ``snapshot`` with ``state`` (see the module docstring for the rules)."""
-    position, state = _locate(snapshot.base, state)
+    position, state = _locate(snapshot.base, state, snapshot.id_order)
     sides = _Sides.of(snapshot, state, position)
     known = state.users
     has_value = sides.has_value()

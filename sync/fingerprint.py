@@ -23,6 +23,7 @@ Every function here is pure and vectorised: numpy over Arrow buffers, no Python 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -33,6 +34,7 @@ import pyarrow.compute as pc
 from sync.threads import map_on_threads
 
 U64 = npt.NDArray[np.uint64]
+Ints = npt.NDArray[np.intp]
 
 UNKNOWN: Final = 0
 """The record fingerprint of a row whose source record is not known."""
@@ -176,6 +178,60 @@ def id_fingerprints(ids: pa.Array | pa.ChunkedArray) -> tuple[U64, U64]:
 def _salt(tag: str) -> np.uint64:
     """A per-(kind, key) constant, so equal values under different keys give different terms."""
     return np.uint64(hash_strings(pa.array([tag], pa.string()))[0, 0])
+
+
+# Low bits of a sort key that carry the row (see HashOrder): room for four billion rows.
+_ROW_BITS: Final = 32
+
+
+@dataclass(frozen=True, eq=False)
+class HashOrder:
+    """Hashes in ascending order of their high bits, and the row each came from.
+
+    Each hash's row rides in its low ``bits`` bits through one plain sort of ``uint64``
+    values, which numpy vectorises: several times faster than an argsort of ten million
+    hashes. ``keys`` holds the high bits alone (low bits zero). Hashes whose high bits agree
+    (a few among millions) are in row order, not hash order.
+    """
+
+    keys: U64
+    rows: Ints
+    bits: int
+
+    def repeated(self, hashes: U64) -> npt.NDArray[np.bool_]:
+        """Per row of ``hashes`` (the array this order sorts): whether another row holds the
+        same hash. Only rows sharing their high bits with a neighbour are looked at."""
+        repeated = np.zeros(len(hashes), dtype=bool)
+        alike = self.keys[1:] == self.keys[:-1]
+        if not alike.any():
+            return repeated
+        near = np.zeros(len(self.keys), dtype=bool)
+        near[1:] |= alike
+        near[:-1] |= alike
+        rows = self.rows[near]
+        _, which, counts = np.unique(hashes[rows], return_inverse=True, return_counts=True)
+        repeated[rows] = counts[which] > 1
+        return repeated
+
+
+def row_bits(*sizes: int) -> int:
+    """The low bits a :class:`HashOrder` of arrays of these sizes keeps for the row: one width
+    for all, so their keys compare."""
+    return max(_ROW_BITS, *(size.bit_length() for size in sizes))
+
+
+def order_hashes(hashes: U64, bits: int | None = None) -> HashOrder:
+    """The :class:`HashOrder` of ``hashes``, the row in the low ``bits`` (default
+    :func:`row_bits` of their length)."""
+    bits = row_bits(len(hashes)) if bits is None else bits
+    packed = hashes >> np.uint64(bits)
+    packed <<= np.uint64(bits)
+    packed |= np.arange(len(hashes), dtype=np.uint64)
+    packed.sort()
+    low = np.uint64((1 << bits) - 1)
+    rows = (packed & low).astype(np.intp)
+    packed &= ~low
+    return HashOrder(packed, rows, bits)
 
 
 class RecordFingerprint:

@@ -59,7 +59,7 @@ from sync.diff import (
     TraitValues,
 )
 from sync.errors import ConfigError, SourceError
-from sync.fingerprint import U64, RecordFingerprint, id_fingerprints
+from sync.fingerprint import U64, HashOrder, RecordFingerprint, id_fingerprints, order_hashes
 from sync.keys import MAX_DIMENSION_LENGTH, format_value, snake_case, wire_value
 from sync.threads import map_on_threads
 
@@ -518,6 +518,7 @@ class _Users:
     audiences: dict[str, Bools]
     traits: dict[str, pa.Array]
     fingerprints: tuple[U64, U64] | None = None  # of the ids, when already computed
+    order: HashOrder | None = None  # of fingerprints[0], when already sorted
 
     def take(self, rows: Ints) -> _Users:
         if len(rows) == len(self.ids) and np.array_equal(rows, np.arange(len(rows))):
@@ -635,12 +636,12 @@ def _deduplicate(rows: _Users, origin: _Origin, invalid: _Invalid) -> Ints:
     """The rows to keep: one per id; ids whose rows disagree are voided."""
     candidates = np.arange(len(rows.ids))
     assert rows.fingerprints is not None  # set by the caller
-    # Sorting settles the usual case, no repeat at all, faster than a hash table of every id.
-    ordered = np.sort(rows.fingerprints[0])
-    if not (ordered[1:] == ordered[:-1]).any():
+    # Sorting settles the usual case, no repeat at all, faster than a hash table of every id;
+    # the diff matches the snapshot to the state with the same order.
+    rows.order = order_hashes(rows.fingerprints[0])
+    repeated = rows.order.repeated(rows.fingerprints[0])
+    if not repeated.any():
         return candidates
-    del ordered
-    repeated = np.asarray(pd.Index(rows.fingerprints[0]).duplicated(keep=False), dtype=bool)
     # Only rows whose id fingerprint repeats are compared, value by value, as rendered.
     suspects = candidates[repeated]
     some = rows.take(suspects)
@@ -850,6 +851,7 @@ def read_snapshot(
         invalid=invalid.frame(),
         invalid_counts=invalid.counts(),
         files=tuple(str(path) for path in files),
+        id_order=users.order,
     )
     log.info(
         "snapshot_read",

@@ -22,6 +22,7 @@ from sync.diff import (
     apply_acknowledged,
     diff,
 )
+from sync.fingerprint import order_hashes
 from sync.model import KeyStats
 from sync.snapshot import read_snapshot
 
@@ -285,6 +286,19 @@ def test_fingerprints_sharing_their_high_bits_are_matched_whole() -> None:
     nothing_stored = _merge_match(snapshot.astype(np.uint64), state[:0])
     assert nothing_stored is not None
     assert nothing_stored.tolist() == [-1] * 7
+
+
+def test_a_snapshot_sorted_while_read_matches_as_one_sorted_here() -> None:
+    """The order the snapshot reader made is used as it is, and one of another row width is
+    made again, with the same answer either way."""
+    state = np.array([5 << 40 | 1, 5 << 40 | 2, 7 << 40, 9, 5 << 40 | 4], dtype=np.uint64)
+    snapshot = np.array([5 << 40 | 2, 9, 5 << 40 | 3, 7 << 40, 8], dtype=np.uint64)
+    expected = [1, 3, -1, 2, -1]
+
+    for order in (order_hashes(snapshot), order_hashes(snapshot, bits=40)):
+        positions = _merge_match(snapshot, state, order)
+        assert positions is not None
+        assert positions.tolist() == expected
 
 
 def test_a_state_without_fingerprints_diffs_the_same() -> None:

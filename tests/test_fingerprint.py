@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pyarrow as pa
 
-from sync.fingerprint import RecordFingerprint, hash_strings, id_fingerprints
+from sync.fingerprint import RecordFingerprint, hash_strings, id_fingerprints, order_hashes
 
 IDS = ["", "a", "user_1", "0f8fad5b-d9cb-469f-a165-70867728950e", "émile@example.com", "x" * 17]
 # Computed when the state format was fixed; a state written then holds exactly these.
@@ -84,3 +84,19 @@ def test_padding_never_makes_strings_alike() -> None:
 
     assert together.tolist() == [int(value) for value in alone]
     assert len(set(together[:4].tolist())) == 4
+
+
+def test_hash_order_sorts_by_high_bits_and_finds_exact_repeats() -> None:
+    """Rows come out in order of their hashes' high bits; only equal whole hashes count as
+    repeats, even when a hash sharing the high bits sits between two equal ones."""
+    high = 5 << 40
+    hashes = np.array([high | 9, 3 << 50, high | 1, 7, high | 9, high | 2], dtype=np.uint64)
+
+    order = order_hashes(hashes)
+
+    assert order.bits == 32
+    assert np.all(order.keys[1:] >= order.keys[:-1])
+    assert np.array_equal(order.keys, (hashes[order.rows] >> 32) << 32)
+    assert sorted(order.rows.tolist()) == list(range(len(hashes)))
+    assert order.repeated(hashes).tolist() == [True, False, False, False, True, False]
+    assert not order_hashes(hashes[:4]).repeated(hashes[:4]).any()
