@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from _data import AUDIENCES, EMAIL_COLUMN, ID_COLUMN, TRAITS, write_snapshots
+from _data import AUDIENCES, EMAIL_COLUMN, ID_COLUMN, TRAITS, Snapshots, write_snapshots
 from _methods import ours_command, ours_counts
 
 from sync.config import load_settings
@@ -71,12 +71,17 @@ def _config(directory: Path, snapshot: Path) -> str:
     )
 
 
-def generate(users: int) -> None:
-    """Snapshots, the state of A and the run's config for ``users`` users."""
+def generate(users: int, *, state_only: bool = False) -> None:
+    """Snapshots, the state of A and the run's config for ``users`` users; with
+    ``state_only``, the state and config again over the snapshots already there (after a
+    change to the state's format)."""
     directory = _directory(users)
     started = time.perf_counter()
-    paths = write_snapshots(directory, users)
-    print(f"snapshots written in {time.perf_counter() - started:.1f} s", flush=True)
+    if state_only:
+        paths = Snapshots(directory / "snapshot-a.parquet", directory / "snapshot-b.parquet")
+    else:
+        paths = write_snapshots(directory, users)
+        print(f"snapshots written in {time.perf_counter() - started:.1f} s", flush=True)
     config = directory / "sync.toml"
     # The state is A as acknowledged: read with B's settings, so keys and columns match.
     config.write_text(_config(directory, paths.first))
@@ -237,6 +242,11 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("generate", help="write snapshots, state and config")
     make.add_argument("--users", type=int, nargs="+", default=[1_000_000])
+    make.add_argument(
+        "--state-only",
+        action="store_true",
+        help="keep the snapshots, write the state of A again (after a state format change)",
+    )
     run = commands.add_parser("measure", help="time every method, print the table")
     run.add_argument("--users", type=int, nargs="+", default=[1_000_000])
     run.add_argument("--repeat", type=int, default=3)
@@ -245,7 +255,7 @@ def main() -> None:
 
     if args.command == "generate":
         for users in args.users:
-            generate(users)
+            generate(users, state_only=args.state_only)
     else:
         RESULTS.mkdir(exist_ok=True)
         everything = []

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Final, Literal, TypeVar
 
@@ -235,12 +235,16 @@ class KnownState:
     returns the full stored rows at those positions (sorted, unique), indexed by id. The diff
     reads values only for the users whose fingerprint changed and for the exits, so a dry run
     need not load every stored value; :meth:`whole` loads the rest when something needs it.
+
+    ``id_order`` is the :class:`HashOrder` of ``users``' ``_id_hash`` once
+    :meth:`with_id_order` has sorted it (the diff sorts it otherwise).
     """
 
     users: pd.DataFrame
     audience_keys: tuple[str, ...] = ()
     trait_keys: tuple[str, ...] = ()
     fetch: Callable[[Ints], pd.DataFrame] | None = None
+    id_order: HashOrder | None = None
 
     @classmethod
     def empty(cls) -> KnownState:
@@ -254,6 +258,14 @@ class KnownState:
         if len(positions) == len(self.users):
             return self.users  # sorted and unique: every row, in order
         return self.users.iloc[positions]
+
+    def with_id_order(self) -> KnownState:
+        """This state with its id fingerprints sorted for the diff's match: a loader thread
+        does it while the snapshot is read, instead of the diff waiting for it."""
+        hashes = _uint64(self.users, ID_HASH)
+        if self.id_order is not None or hashes is None:
+            return self
+        return replace(self, id_order=order_hashes(hashes))
 
     def whole(self) -> KnownState:
         """This state with every stored row loaded in ``users`` (itself when it is whole)."""
@@ -470,6 +482,7 @@ def _fast_match(
     state: tuple[U64, U64],
     table: pd.Index | None = None,
     snap_order: HashOrder | None = None,
+    state_order: HashOrder | None = None,
 ) -> Ints | None:
     """:func:`_match` on id fingerprints alone; None when they cannot settle it.
 
@@ -478,7 +491,7 @@ def _fast_match(
     """
     (snap_hash, snap_check), (state_hash, state_check) = snapshot, state
     if table is None:
-        positions = _merge_match(snap_hash, state_hash, snap_order)
+        positions = _merge_match(snap_hash, state_hash, snap_order, state_order)
         if positions is None:
             return None
     else:
@@ -492,13 +505,17 @@ def _fast_match(
 
 
 def _merge_match(
-    snap_hash: U64, state_hash: U64, snap_order: HashOrder | None = None
+    snap_hash: U64,
+    state_hash: U64,
+    snap_order: HashOrder | None = None,
+    state_order: HashOrder | None = None,
 ) -> Ints | None:
     """For each snapshot hash, the state row with the same hash, or -1; None if the state
     repeats a hash.
 
-    Both sides are sorted by their hashes' high bits (see :class:`HashOrder`; the snapshot's
-    order comes from reading it, when it was sorted there) and merged with a search of sorted
+    Both sides are sorted by their hashes' high bits (see :class:`HashOrder`; either side's
+    order may come sorted already: the snapshot's from reading it, the state's from loading
+    it) and merged with a search of sorted
     keys, which walks memory in order; a pandas hash table of ten million ``uint64`` probes
     memory at random and took longer. Hashes whose high bits agree but whose low bits differ
     (a few among millions) are told apart by comparing whole hashes, one step at a time.
@@ -506,18 +523,21 @@ def _merge_match(
     if len(state_hash) == 0:
         return np.full(len(snap_hash), -1, dtype=np.intp)
     bits = row_bits(len(snap_hash), len(state_hash))
+
+    def sorted_side(hashes: U64, order: HashOrder | None) -> HashOrder:
+        return order if order is not None and order.bits == bits else order_hashes(hashes, bits)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sort") as pool:
         # The two sides sort at once: numpy's sort and gathers release the GIL (ten million
         # users a side: about 0.5 s each).
-        state_side = pool.submit(order_hashes, state_hash, bits)
-        if snap_order is None or snap_order.bits != bits:
-            snap_order = order_hashes(snap_hash, bits)
-        probes, probe_rows = snap_order.keys, snap_order.rows
+        state_side = pool.submit(sorted_side, state_hash, state_order)
+        snap_order = sorted_side(snap_hash, snap_order)
+        probes, probe_rows = snap_order.split()
         probe_whole = snap_hash[probe_rows]
         stored_order = state_side.result()
-    stored, stored_rows = stored_order.keys, stored_order.rows
+    stored, stored_rows = stored_order.split()
     stored_whole = state_hash[stored_rows]
-    if stored_order.repeated(state_hash).any():
+    if stored_order.repeated(state_hash, stored, stored_rows).any():
         return None
     last = len(stored) - 1
     at = np.minimum(np.searchsorted(stored, probes), last)
@@ -550,7 +570,9 @@ def _locate(
     if state.fetch is not None and len(state.users):
         stored = _stored_id_fingerprints(state.users)
         if stored is not None:
-            found = _fast_match(_id_fingerprints(snapshot), stored, snap_order=order)
+            found = _fast_match(
+                _id_fingerprints(snapshot), stored, snap_order=order, state_order=state.id_order
+            )
             if found is not None:
                 return found, state
         state = state.whole()

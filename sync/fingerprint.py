@@ -186,29 +186,35 @@ _ROW_BITS: Final = 32
 
 @dataclass(frozen=True, eq=False)
 class HashOrder:
-    """Hashes in ascending order of their high bits, and the row each came from.
+    """Hashes in ascending order of their high bits, and the row each came from, in one array.
 
-    Each hash's row rides in its low ``bits`` bits through one plain sort of ``uint64``
-    values, which numpy vectorises: several times faster than an argsort of ten million
-    hashes. ``keys`` holds the high bits alone (low bits zero). Hashes whose high bits agree
-    (a few among millions) are in row order, not hash order.
+    Each entry of ``packed`` is a hash's high bits with its row in the low ``bits`` bits: one
+    plain sort of ``uint64`` values, which numpy vectorises, orders both (several times faster
+    than an argsort of ten million hashes), and one array of eight bytes a row keeps them.
+    Hashes whose high bits agree (a few among millions) are in row order, not hash order.
     """
 
-    keys: U64
-    rows: Ints
+    packed: U64
     bits: int
 
-    def repeated(self, hashes: U64) -> npt.NDArray[np.bool_]:
-        """Per row of ``hashes`` (the array this order sorts): whether another row holds the
-        same hash. Only rows sharing their high bits with a neighbour are looked at."""
+    def split(self) -> tuple[U64, Ints]:
+        """The sorted keys (the high bits alone, low bits zero) and the row of each."""
+        low = np.uint64((1 << self.bits) - 1)
+        rows = np.bitwise_and(self.packed, low).astype(np.intp)
+        return np.bitwise_and(self.packed, ~low), rows
+
+    def repeated(self, hashes: U64, keys: U64, rows: Ints) -> npt.NDArray[np.bool_]:
+        """Per row of ``hashes`` (the array this order sorts; ``keys`` and ``rows`` are
+        :meth:`split`): whether another row holds the same hash. Only rows sharing their
+        high bits with a neighbour are looked at."""
         repeated = np.zeros(len(hashes), dtype=bool)
-        alike = self.keys[1:] == self.keys[:-1]
+        alike = keys[1:] == keys[:-1]
         if not alike.any():
             return repeated
-        near = np.zeros(len(self.keys), dtype=bool)
+        near = np.zeros(len(keys), dtype=bool)
         near[1:] |= alike
         near[:-1] |= alike
-        rows = self.rows[near]
+        rows = rows[near]
         _, which, counts = np.unique(hashes[rows], return_inverse=True, return_counts=True)
         repeated[rows] = counts[which] > 1
         return repeated
@@ -224,14 +230,11 @@ def order_hashes(hashes: U64, bits: int | None = None) -> HashOrder:
     """The :class:`HashOrder` of ``hashes``, the row in the low ``bits`` (default
     :func:`row_bits` of their length)."""
     bits = row_bits(len(hashes)) if bits is None else bits
-    packed = hashes >> np.uint64(bits)
-    packed <<= np.uint64(bits)
-    packed |= np.arange(len(hashes), dtype=np.uint64)
+    packed = np.arange(len(hashes), dtype=np.uint64)
+    # In place: every array of ten million rows allocated here is pages to fault in.
+    packed |= (hashes >> np.uint64(bits)) << np.uint64(bits)
     packed.sort()
-    low = np.uint64((1 << bits) - 1)
-    rows = (packed & low).astype(np.intp)
-    packed &= ~low
-    return HashOrder(packed, rows, bits)
+    return HashOrder(packed, bits)
 
 
 class RecordFingerprint:

@@ -639,7 +639,7 @@ def _deduplicate(rows: _Users, origin: _Origin, invalid: _Invalid) -> Ints:
     # Sorting settles the usual case, no repeat at all, faster than a hash table of every id;
     # the diff matches the snapshot to the state with the same order.
     rows.order = order_hashes(rows.fingerprints[0])
-    repeated = rows.order.repeated(rows.fingerprints[0])
+    repeated = rows.order.repeated(rows.fingerprints[0], *rows.order.split())
     if not repeated.any():
         return candidates
     # Only rows whose id fingerprint repeats are compared, value by value, as rendered.

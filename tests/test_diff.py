@@ -288,17 +288,34 @@ def test_fingerprints_sharing_their_high_bits_are_matched_whole() -> None:
     assert nothing_stored.tolist() == [-1] * 7
 
 
-def test_a_snapshot_sorted_while_read_matches_as_one_sorted_here() -> None:
-    """The order the snapshot reader made is used as it is, and one of another row width is
-    made again, with the same answer either way."""
+def test_orders_sorted_elsewhere_match_as_ones_sorted_here() -> None:
+    """Orders the snapshot reader or the state loader made are used as they are, and ones of
+    another row width are made again, with the same answer every way."""
     state = np.array([5 << 40 | 1, 5 << 40 | 2, 7 << 40, 9, 5 << 40 | 4], dtype=np.uint64)
     snapshot = np.array([5 << 40 | 2, 9, 5 << 40 | 3, 7 << 40, 8], dtype=np.uint64)
     expected = [1, 3, -1, 2, -1]
 
     for order in (order_hashes(snapshot), order_hashes(snapshot, bits=40)):
-        positions = _merge_match(snapshot, state, order)
-        assert positions is not None
-        assert positions.tolist() == expected
+        for stored_order in (None, order_hashes(state), order_hashes(state, bits=40)):
+            positions = _merge_match(snapshot, state, order, stored_order)
+            assert positions is not None
+            assert positions.tolist() == expected
+
+
+def test_a_state_sorted_when_loaded_diffs_the_same() -> None:
+    """with_id_order sorts the stored id fingerprints once; the diff gives the same answer
+    with them, and a state without fingerprints is left as it is."""
+    state = _synced(_snapshot({"u1": {"vip": "true"}, "u2": {"plan": "x"}, "u3": {"vip": "true"}}))
+    snapshot = _snapshot({"u1": {"vip": "true"}, "u2": {"plan": "y"}, "u4": {"vip": "true"}})
+
+    sorted_state = state.with_id_order()
+
+    assert sorted_state.id_order is not None
+    assert state.id_order is None
+    assert _desired(diff(snapshot, sorted_state)) == _desired(diff(snapshot, state))
+    assert _kinds(diff(snapshot, sorted_state)) == {"u2": "changed", "u3": "exited", "u4": "added"}
+    bare = _state({"u1": {"vip": "true"}})
+    assert bare.with_id_order() is bare
 
 
 def test_a_state_without_fingerprints_diffs_the_same() -> None:

@@ -75,28 +75,42 @@ class LazyState:
 class RowReader:
     """Reads rows by position from a committed Parquet file mapped in memory (see the module
     docstring); ``on_error`` turns a damaged page into the store's error, and ``release``
-    drops the pages read so far from this process's memory (the mapping stays valid)."""
+    drops the pages read so far from this process's memory (the mapping stays valid).
+
+    Columns of ``head`` (every stored user, in stored order) are taken from it instead of
+    being decoded again: the three fingerprint columns are a tenth of the decoding.
+    """
 
     def __init__(
         self,
         data: pa.Buffer,
         on_error: Callable[[Exception], Exception],
         release: Callable[[], None],
+        head: pd.DataFrame | None = None,
     ) -> None:
         self._data = data
         self._on_error = on_error
         self._release = release
+        self._head = head if head is not None else pd.DataFrame()
 
     def __call__(self, positions: Positions) -> pd.DataFrame:
+        positions = np.asarray(positions, dtype=np.intp)
         try:
-            return to_frame(self._read(np.asarray(positions, dtype=np.intp)))
+            parquet = pq.ParquetFile(pa.BufferReader(self._data))
+            names = [name for name in parquet.schema_arrow.names if name != LAST_RUN_COLUMN]
+            decoded = [name for name in names if name not in self._head.columns]
+            frame = to_frame(self._read(parquet, decoded, positions))
         except (pa.ArrowException, OSError) as exc:
             raise self._on_error(exc) from exc
+        held = [name for name in names if name in self._head.columns]
+        if not held:
+            return frame
+        for name in held:
+            frame[name] = self._head[name].to_numpy()[positions]
+        return frame[[name for name in names if name in frame.columns]]
 
-    def _read(self, positions: Positions) -> pa.Table:
+    def _read(self, parquet: pq.ParquetFile, columns: list[str], positions: Positions) -> pa.Table:
         # No page checksums: these bytes matched the manifest's sha256 when they were loaded.
-        parquet = pq.ParquetFile(pa.BufferReader(self._data))
-        columns = [name for name in parquet.schema_arrow.names if name != LAST_RUN_COLUMN]
         sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
         starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         bounds = np.searchsorted(positions, starts)

@@ -290,12 +290,13 @@ class StateStore:
                 f"{way_out(self.directory)}"
             )
 
+        frame = table.to_pandas(split_blocks=True, self_destruct=True)
         return LazyState(
-            head=table.to_pandas(split_blocks=True, self_destruct=True),
+            head=frame,
             audience_keys=manifest.audience_keys,
             trait_keys=manifest.trait_keys,
             last_run=manifest.last_run,
-            _rows=RowReader(data, damaged, committed.release),
+            _rows=RowReader(data, damaged, committed.release, head=frame),
         )
 
     def info(self) -> StateInfo:
