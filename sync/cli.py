@@ -21,7 +21,7 @@ import structlog
 from rich.console import Console
 
 from sync import __version__
-from sync.config import Settings, choose_arrow_allocator, config_file_from, load_settings
+from sync.config import Settings, choose_allocators, config_file_from, load_settings
 from sync.errors import EXIT_FATAL, EXIT_USAGE, SyncError
 from sync.logs import REDACTOR, configure_logging
 
@@ -301,7 +301,7 @@ def emulator(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``amberflo-sync`` and ``python -m sync``."""
-    choose_arrow_allocator()  # before any command imports pyarrow
+    choose_allocators()  # before any command imports numpy or pyarrow
     try:
         cli.main(args=argv, prog_name="amberflo-sync", standalone_mode=False)
     except click.exceptions.Exit as exc:

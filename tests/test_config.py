@@ -102,7 +102,7 @@ def test_pyarrow_allocates_with_jemalloc_unless_the_environment_says_otherwise(
     """The entry point picks pyarrow's allocator (jemalloc where its wheels carry it, malloc
     elsewhere, never mimalloc), and an explicit ARROW_DEFAULT_MEMORY_POOL still wins."""
     probe = (
-        "from sync.config import choose_arrow_allocator; choose_arrow_allocator(); "
+        "from sync.config import choose_allocators; choose_allocators(); "
         "import pyarrow; print(pyarrow.default_memory_pool().backend_name)"
     )
     env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
@@ -112,3 +112,22 @@ def test_pyarrow_allocates_with_jemalloc_unless_the_environment_says_otherwise(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
     )
     assert shown.stdout.strip() == used
+
+
+@pytest.mark.parametrize(("given", "used"), [(None, False), ("1", True), ("0", False)])
+def test_numpy_asks_for_no_huge_pages_unless_the_environment_says_otherwise(
+    given: str | None, used: bool
+) -> None:
+    """The entry point turns off numpy's request for transparent huge pages, and an explicit
+    NUMPY_MADVISE_HUGEPAGE still wins."""
+    probe = (
+        "from sync.config import choose_allocators; choose_allocators(); "
+        "import numpy; print(numpy._core.multiarray._set_madvise_hugepage(False))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if given is not None:
+        env["NUMPY_MADVISE_HUGEPAGE"] = given
+    shown = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert shown.stdout.strip() == str(used)
