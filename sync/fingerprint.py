@@ -188,33 +188,34 @@ _ROW_BITS: Final = 32
 class HashOrder:
     """Hashes in ascending order of their high bits, and the row each came from, in one array.
 
-    Each entry of ``packed`` is a hash's high bits with its row in the low ``bits`` bits: one
-    plain sort of ``uint64`` values, which numpy vectorises, orders both (several times faster
-    than an argsort of ten million hashes), and one array of eight bytes a row keeps them.
+    Each entry of ``packed`` is a hash's high bits with its row in the low ``bits`` bits
+    (``packed & low``): one plain sort of ``uint64`` values, which numpy vectorises, orders
+    both (several times faster than an argsort of ten million hashes), and one array of eight
+    bytes a row keeps them.
     Hashes whose high bits agree (a few among millions) are in row order, not hash order.
     """
 
     packed: U64
     bits: int
 
-    def split(self) -> tuple[U64, Ints]:
-        """The sorted keys (the high bits alone, low bits zero) and the row of each."""
-        low = np.uint64((1 << self.bits) - 1)
-        rows = np.bitwise_and(self.packed, low).astype(np.intp)
-        return np.bitwise_and(self.packed, ~low), rows
+    @property
+    def low(self) -> np.uint64:
+        """The mask of the row bits."""
+        return np.uint64((1 << self.bits) - 1)
 
-    def repeated(self, hashes: U64, keys: U64, rows: Ints) -> npt.NDArray[np.bool_]:
-        """Per row of ``hashes`` (the array this order sorts; ``keys`` and ``rows`` are
-        :meth:`split`): whether another row holds the same hash. Only rows sharing their
-        high bits with a neighbour are looked at."""
+    def repeated(self, hashes: U64) -> npt.NDArray[np.bool_]:
+        """Per row of ``hashes`` (the array this order sorts): whether another row holds the
+        same hash. Only rows sharing their high bits with a neighbour are looked at."""
         repeated = np.zeros(len(hashes), dtype=bool)
+        keys = self.packed >> np.uint64(self.bits)
         alike = keys[1:] == keys[:-1]
+        del keys
         if not alike.any():
             return repeated
-        near = np.zeros(len(keys), dtype=bool)
+        near = np.zeros(len(self.packed), dtype=bool)
         near[1:] |= alike
         near[:-1] |= alike
-        rows = rows[near]
+        rows = (self.packed[near] & self.low).astype(np.intp)
         _, which, counts = np.unique(hashes[rows], return_inverse=True, return_counts=True)
         repeated[rows] = counts[which] > 1
         return repeated

@@ -605,6 +605,18 @@ def _void(ids: pa.Array, rows: Ints, origin: _Origin, invalid: _Invalid, reason:
 
 
 def _wide(files: Sequence[Path], source: SourceSettings, invalid: _Invalid) -> _Users:
+    rows, origin = _wide_columns(files, source)
+    valid = np.flatnonzero(_without_missing_ids(rows.ids, origin, invalid))
+    rows = rows.take(valid)
+    rows.fingerprints = id_fingerprints(rows.ids)
+    return rows.take(_deduplicate(rows, origin.subset(valid), invalid))
+
+
+def _wide_columns(files: Sequence[Path], source: SourceSettings) -> tuple[_Users, _Origin]:
+    """Every row of the wide files, as columns; the table read goes when this returns, so
+    only the columns kept outlive it (each trait column is joined into one array here, and
+    its row-group chunks would otherwise be held twice through the hashing: 400 MB at 10M
+    users)."""
     own = _own_columns(source)
     configured = dict.fromkeys(source.audiences or (), "source.audiences")
     configured |= dict.fromkeys(source.traits or (), "source.traits")
@@ -618,18 +630,14 @@ def _wide(files: Sequence[Path], source: SourceSettings, invalid: _Invalid) -> _
     flags = map_on_threads(
         lambda name: _members(table.column(name), f"audience column {name!r}"), audiences
     )
-    members = dict(zip(audiences, flags, strict=True))
     rows = _Users(
         ids=_plain_text(table.column(source.id_column), chunked=True),
         name=_optional_text(table, source.name_column, chunked=True),
         email=_optional_text(table, source.email_column, chunked=True),
-        audiences=members,
+        audiences=dict(zip(audiences, flags, strict=True)),
         traits={name: _flat(table.column(name)) for name in traits},
     )
-    valid = np.flatnonzero(_without_missing_ids(rows.ids, origin, invalid))
-    rows = rows.take(valid)
-    rows.fingerprints = id_fingerprints(rows.ids)
-    return rows.take(_deduplicate(rows, origin.subset(valid), invalid))
+    return rows, origin
 
 
 def _deduplicate(rows: _Users, origin: _Origin, invalid: _Invalid) -> Ints:
@@ -639,7 +647,7 @@ def _deduplicate(rows: _Users, origin: _Origin, invalid: _Invalid) -> Ints:
     # Sorting settles the usual case, no repeat at all, faster than a hash table of every id;
     # the diff matches the snapshot to the state with the same order.
     rows.order = order_hashes(rows.fingerprints[0])
-    repeated = rows.order.repeated(rows.fingerprints[0], *rows.order.split())
+    repeated = rows.order.repeated(rows.fingerprints[0])
     if not repeated.any():
         return candidates
     # Only rows whose id fingerprint repeats are compared, value by value, as rendered.
@@ -865,7 +873,11 @@ def read_snapshot(
 
 
 def _frame(users: _Users, keys: Mapping[str, str]) -> tuple[pd.DataFrame, dict[str, TraitValues]]:
-    """The canonical users frame without the traits, fingerprints included; the traits."""
+    """The canonical users frame without the traits, fingerprints included; the traits.
+
+    The audience flags of ``users`` become the frame's codes in place: only their names are
+    left in ``users.audiences``.
+    """
     size = len(users.ids)
     fingerprint = RecordFingerprint(size)
     data: dict[str, object] = {}
@@ -874,11 +886,13 @@ def _frame(users: _Users, keys: Mapping[str, str]) -> tuple[pd.DataFrame, dict[s
         data[column] = _text_array(values)
     fingerprint.add_flags({keys[name]: flags for name, flags in users.audiences.items()})
     for name, flags in users.audiences.items():
-        # 1 ("true") for a member, -1 (absent) otherwise, made in int8 without a wider copy.
-        codes = flags.astype(np.int8)
+        # 1 ("true") for a member, -1 (absent) otherwise, made in place: the flags become the
+        # codes, so twenty audiences of ten million users are not held twice (200 MB).
+        codes = flags.view(np.int8)
         codes <<= 1
         codes -= 1
         data[keys[name]] = pd.Categorical.from_codes(codes, dtype=AUDIENCE_DTYPE)
+    users.audiences = dict.fromkeys(users.audiences, np.zeros(0, dtype=bool))  # spent above
     traits: dict[str, TraitValues] = {}
     for name, raw in users.traits.items():
         if _is_number(raw.type):
