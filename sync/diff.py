@@ -545,8 +545,9 @@ def _merge_match(
     Both sides are sorted by their hashes' high bits (see :class:`HashOrder`; either side's
     order may come sorted already: the snapshot's from reading it, the state's from loading
     it) and merged with a search of sorted keys, which walks memory in order; a pandas hash
-    table of ten million ``uint64`` probes memory at random and took longer. Hashes whose high bits agree but whose low bits differ
-    (a few among millions) are told apart by comparing whole hashes, one step at a time.
+    table of ten million ``uint64`` probes memory at random and took longer. Hashes whose
+    high bits agree but whose low bits differ (a few among millions) are told apart by
+    comparing whole hashes, one step at a time.
     """
     if len(state_hash) == 0:
         return np.full(len(snap_hash), -1, dtype=np.intp)
