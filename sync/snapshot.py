@@ -929,10 +929,11 @@ def _frame(users: _Users, keys: Mapping[str, str]) -> tuple[pd.DataFrame, dict[s
 
 def _renders_present(values: pa.Array) -> Bools:
     """Per cell of a number or boolean column: :func:`render` gives a value (NaN is absent)."""
-    present = _bools(values.is_valid())
     if pa.types.is_floating(values.type):
-        present &= ~_bools(pc.fill_null(pc.is_nan(values), True))
-    return present
+        # Valid AND not NaN in Kleene logic (a null's NaN test is null, and false AND null is
+        # false): one kernel pass, where fill_null's coalesce took 0.13 s a column of 10M.
+        return _bools(pc.and_kleene(pc.is_valid(values), pc.invert(pc.is_nan(values))))
+    return _bools(values.is_valid())
 
 
 def _is_text(kind: pa.DataType) -> bool:
