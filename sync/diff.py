@@ -76,7 +76,7 @@ from sync.fingerprint import (
 )
 from sync.idorder import insertion_points, sort_order
 from sync.model import ChangeKind, DiffSummary, KeyStats, UserChange
-from sync.threads import WORKERS
+from sync.threads import WORKERS, map_on_threads
 
 __all__ = [
     "AUDIENCE_DTYPE",
@@ -557,21 +557,41 @@ def _merge_match(
         return order if order is not None and order.bits == bits else order_hashes(hashes, bits)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sort") as pool:
-        # The two sides sort at once: numpy's sort and gathers release the GIL (ten million
-        # users a side: about 0.5 s each).
+        # The two sides sort at once, when either must: numpy's sort releases the GIL (ten
+        # million users a side: about 0.5 s each).
         state_side = pool.submit(sorted_side, state_hash, state_order)
         snap_order = sorted_side(snap_hash, snap_order)
-        low = snap_order.low
-        probe_rows = (snap_order.packed & low).astype(np.intp)
-        probes = snap_order.packed & ~low
-        probe_whole = snap_hash[probe_rows]
         stored_order = state_side.result()
-    # The stored side stays packed: searching a probe's key (its low bits zero) finds the
-    # first entry of that key, and the entry's low bits are its row. Every array of ten
-    # million rows made here is 80 MB more at the diff's peak.
-    stored = stored_order.packed
     if stored_order.repeated(state_hash).any():
         return None
+    positions = np.empty(len(snap_hash), dtype=np.intp)
+    # The probes are merged in a few runs of the snapshot's order at once, on threads: each
+    # run searches the whole stored side and fills its own rows of ``positions``.
+    step = max(1, -(-len(snap_hash) // WORKERS))
+    runs = [slice(start, start + step) for start in range(0, len(snap_hash), step)]
+    map_on_threads(
+        lambda run: _merge_run(
+            snap_order.packed[run], snap_hash, stored_order, state_hash, positions
+        ),
+        runs,
+    )
+    return positions
+
+
+def _merge_run(
+    packed: U64, snap_hash: U64, stored_order: HashOrder, state_hash: U64, positions: Ints
+) -> None:
+    """Match one run of the snapshot's sorted order (``packed``: keys with rows in the low
+    bits) against the stored side, writing each probe's stored row (or -1) into ``positions``.
+
+    The stored side stays packed: searching a probe's key (its low bits zero) finds the first
+    entry of that key, and the entry's low bits are its row. Every array of ten million rows
+    made here is 80 MB more at the diff's peak, so the temporaries go as soon as they are used.
+    """
+    low, stored = stored_order.low, stored_order.packed
+    probe_rows = (packed & low).astype(np.intp)
+    probes = packed & ~low
+    probe_whole = snap_hash[probe_rows]
     last = len(stored) - 1
     at = np.searchsorted(stored, probes)
     np.minimum(at, last, out=at)
@@ -593,9 +613,7 @@ def _merge_match(
         hit = state_hash[rows] == probe_whole[pending]
         found[pending[hit]] = rows[hit]
         pending = pending[~hit]
-    positions = np.empty(len(snap_hash), dtype=np.intp)
     positions[probe_rows] = found
-    return positions
 
 
 def _locate(
