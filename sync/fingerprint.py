@@ -180,6 +180,19 @@ def _salt(tag: str) -> np.uint64:
     return np.uint64(hash_strings(pa.array([tag], pa.string()))[0, 0])
 
 
+def _add_where(
+    total: U64, terms: U64 | np.uint64, where: npt.NDArray[np.bool_], scratch: U64
+) -> None:
+    """``total += terms`` where ``where`` holds, in ``scratch`` (which may be ``terms``).
+
+    A multiply by the flags and a plain add: numpy's masked add (``where=``) runs a generic
+    strided loop, seven times slower on blocks of 128Ki (twenty audiences of ten million
+    users: 1.1 s of CPU against 0.17 s).
+    """
+    np.multiply(terms, where, out=scratch)
+    total += scratch
+
+
 # Low bits of a sort key that carry the row (see HashOrder): room for four billion rows.
 _ROW_BITS: Final = 32
 
@@ -258,8 +271,9 @@ class RecordFingerprint:
 
         def add_block(start: int) -> None:
             total = self._sum[start : start + _FLAG_BLOCK]
+            scratch = np.empty_like(total)
             for salt, present in terms:
-                np.add(total, salt, out=total, where=present[start : start + _FLAG_BLOCK])
+                _add_where(total, salt, present[start : start + _FLAG_BLOCK], scratch)
 
         map_on_threads(add_block, range(0, len(self._sum), _FLAG_BLOCK))
 
@@ -282,7 +296,7 @@ class RecordFingerprint:
             valid &= word_valid[codes]
         if len(words):
             terms = hash_strings(words, (salt,))[0][codes]
-            np.add(self._sum, terms, out=self._sum, where=valid)
+            _add_where(self._sum, terms, valid, terms)
 
     def add_numbers(self, key: str, values: pa.Array | pa.ChunkedArray) -> None:
         """Typed numbers (integers, floats, booleans) hashed by their bits: no text needed.
@@ -321,12 +335,12 @@ class RecordFingerprint:
             if valid is None:
                 total += terms
             else:
-                np.add(total, terms, out=total, where=valid[start:stop])
+                _add_where(total, terms, valid[start:stop], terms)
 
     def _add_valid(self, terms: U64, values: pa.Array | pa.ChunkedArray) -> None:
         if values.null_count:
             valid = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-            np.add(self._sum, terms, out=self._sum, where=valid)
+            _add_where(self._sum, terms, valid, terms)
         else:
             self._sum += terms
 
