@@ -32,6 +32,7 @@ import glob
 import gzip
 import json
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TypeAlias
@@ -61,7 +62,7 @@ from sync.diff import (
 from sync.errors import ConfigError, SourceError
 from sync.fingerprint import U64, HashOrder, RecordFingerprint, id_fingerprints, order_hashes
 from sync.keys import MAX_DIMENSION_LENGTH, format_value, snake_case, wire_value
-from sync.threads import map_on_threads
+from sync.threads import WORKERS
 
 __all__ = ["CONFLICTING_DUPLICATE", "MISSING_ID", "Snapshot", "read_snapshot"]
 
@@ -626,16 +627,23 @@ def _wide_columns(files: Sequence[Path], source: SourceSettings) -> tuple[_Users
     audiences, traits = _split(
         names, source, lambda name: _looks_boolean(table.column(name), numbers=False)
     )
-    # A space has dozens of audience columns: they become flags on a few threads.
-    flags = map_on_threads(
-        lambda name: _members(table.column(name), f"audience column {name!r}"), audiences
-    )
+    # Every column is made ready on a few threads at once: Arrow's kernels release the GIL,
+    # and a space has dozens of audience columns.
+    with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="columns") as pool:
+        ids = pool.submit(_plain_text, table.column(source.id_column), chunked=True)
+        name = pool.submit(_optional_text, table, source.name_column, chunked=True)
+        email = pool.submit(_optional_text, table, source.email_column, chunked=True)
+        flags = {
+            audience: pool.submit(_members, table.column(audience), f"audience column {audience!r}")
+            for audience in audiences
+        }
+        values = {trait: pool.submit(_flat, table.column(trait)) for trait in traits}
     rows = _Users(
-        ids=_plain_text(table.column(source.id_column), chunked=True),
-        name=_optional_text(table, source.name_column, chunked=True),
-        email=_optional_text(table, source.email_column, chunked=True),
-        audiences=dict(zip(audiences, flags, strict=True)),
-        traits={name: _flat(table.column(name)) for name in traits},
+        ids=ids.result(),
+        name=name.result(),
+        email=email.result(),
+        audiences={audience: made.result() for audience, made in flags.items()},
+        traits={trait: made.result() for trait, made in values.items()},
     )
     return rows, origin
 
