@@ -527,10 +527,16 @@ def _fast_match(
         if not table.is_unique:
             return None
         positions = np.asarray(table.get_indexer(pd.Index(snap_hash)), dtype=np.intp)
-    found = positions >= 0
-    if not np.array_equal(state_check[positions[found]], snap_check[found]):
-        return None
-    return positions
+
+    def confirmed(run: slice) -> bool:
+        # Every match confirmed by the second word: gathers of millions, a run a thread.
+        at = positions[run]
+        found = at >= 0
+        return bool(np.array_equal(state_check[at[found]], snap_check[run][found]))
+
+    step = max(1, -(-len(positions) // WORKERS))
+    runs = [slice(start, start + step) for start in range(0, len(positions), step)]
+    return positions if all(map_on_threads(confirmed, runs)) else None
 
 
 def _merge_match(

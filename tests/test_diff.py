@@ -22,7 +22,7 @@ from sync.diff import (
     apply_acknowledged,
     diff,
 )
-from sync.fingerprint import order_hashes
+from sync.fingerprint import id_fingerprints, order_hashes
 from sync.model import KeyStats
 from sync.snapshot import read_snapshot
 
@@ -272,6 +272,19 @@ def test_ids_sharing_a_fingerprint_fall_back_to_an_exact_match() -> None:
     )
     assert _desired(result) == {"u2": {"plan": "y"}}
     assert _kinds(result) == {"u2": "changed"}
+
+
+def test_a_match_its_second_word_does_not_confirm_falls_back_to_an_exact_match() -> None:
+    """A stored id sharing the first fingerprint word with another snapshot id (but not the
+    check word) is not taken for it: users are matched by their exact ids instead."""
+    state = _synced(_snapshot({"u1": {"vip": "true"}, "u2": {"plan": "x"}}))
+    forged = state.users.copy()
+    forged.loc["u2", "_id_hash"] = id_fingerprints(pa.array(["u3"]))[0][0]
+    result = diff(
+        _snapshot({"u1": {"vip": "true"}, "u3": {"plan": "x"}}),
+        KnownState(forged, state.audience_keys, state.trait_keys),
+    )
+    assert _kinds(result) == {"u2": "exited", "u3": "added"}
 
 
 def test_fingerprints_sharing_their_high_bits_are_matched_whole() -> None:
