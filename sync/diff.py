@@ -76,7 +76,7 @@ from sync.fingerprint import (
 )
 from sync.idorder import insertion_points, sort_order
 from sync.model import ChangeKind, DiffSummary, KeyStats, UserChange
-from sync.threads import WORKERS, map_on_threads
+from sync.threads import WORKERS, map_on_threads, runs_of
 
 __all__ = [
     "AUDIENCE_DTYPE",
@@ -534,9 +534,7 @@ def _fast_match(
         found = at >= 0
         return bool(np.array_equal(state_check[at[found]], snap_check[run][found]))
 
-    step = max(1, -(-len(positions) // WORKERS))
-    runs = [slice(start, start + step) for start in range(0, len(positions), step)]
-    return positions if all(map_on_threads(confirmed, runs)) else None
+    return positions if all(map_on_threads(confirmed, runs_of(len(positions)))) else None
 
 
 def _merge_match(
@@ -573,13 +571,11 @@ def _merge_match(
     positions = np.empty(len(snap_hash), dtype=np.intp)
     # The probes are merged in a few runs of the snapshot's order at once, on threads: each
     # run searches the whole stored side and fills its own rows of ``positions``.
-    step = max(1, -(-len(snap_hash) // WORKERS))
-    runs = [slice(start, start + step) for start in range(0, len(snap_hash), step)]
     map_on_threads(
         lambda run: _merge_run(
             snap_order.packed[run], snap_hash, stored_order, state_hash, positions
         ),
-        runs,
+        runs_of(len(snap_hash)),
     )
     return positions
 
@@ -713,9 +709,16 @@ class _Sides:
 
     def suspects(self, rows: Ints) -> Ints:
         """Matched ``rows`` whose fingerprint does not vouch for them being unchanged."""
-        stored = self.state_hash[self.position[rows]]
-        keep: Bools = (stored != self.snap_hash[rows]) | (stored == UNKNOWN)
-        return rows[keep]
+
+        def among(run: slice) -> Ints:
+            # Gathers of millions at random from the state's fingerprints: a run a thread.
+            some = rows[run]
+            stored = self.state_hash[self.position[some]]
+            keep: Bools = (stored != self.snap_hash[some]) | (stored == UNKNOWN)
+            return some[keep]
+
+        parts = map_on_threads(among, runs_of(len(rows)))
+        return np.concatenate(parts) if parts else rows[:0]
 
     def stale(self, rows: Ints) -> Ints:
         """Unchanged ``rows`` whose stored fingerprint differs from the snapshot's."""

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, TypeVar
 
-__all__ = ["WORKERS", "map_on_threads"]
+__all__ = ["WORKERS", "map_on_threads", "runs_of"]
 
 WORKERS: Final = min(4, os.cpu_count() or 1)
 
@@ -25,3 +25,10 @@ def map_on_threads(work: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
         with ThreadPoolExecutor(max_workers=WORKERS) as pool:
             return list(pool.map(work, items))
     return [work(item) for item in items]
+
+
+def runs_of(size: int) -> list[slice]:
+    """``range(size)`` cut into :data:`WORKERS` runs of about the same length (none empty),
+    for :func:`map_on_threads` to take a run a thread."""
+    step = max(1, -(-size // WORKERS))
+    return [slice(start, min(start + step, size)) for start in range(0, size, step)]
