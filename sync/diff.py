@@ -337,12 +337,25 @@ def _text(frame: pd.DataFrame, column: str, rows: Ints | None = None) -> pa.Arra
         categories = pa.array([str(value) for value in series.cat.categories], pa.string())
         picked = codes if rows is None else np.where(rows < 0, -1, codes[np.maximum(rows, 0)])
         return categories.take(pa.array(picked, mask=picked < 0))
-    values = pa.array(series.array, type=pa.string(), from_pandas=True)
+    values = _arrow_text(series.array)
     if rows is not None:
-        return _taken_rows(values, rows)
+        return _as_string(_taken_rows(values, rows))
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
-    return values
+    return _as_string(values)
+
+
+def _arrow_text(values: object) -> pa.Array | pa.ChunkedArray:
+    """Text from pandas as Arrow: the column's own Arrow data when it has some (pandas keeps
+    ``large_string``), so taking a few rows does not first convert ten million."""
+    arrow = pa.array(values, from_pandas=True)
+    if pa.types.is_string(arrow.type) or pa.types.is_large_string(arrow.type):
+        return arrow
+    return arrow.cast(pa.string())
+
+
+def _as_string(values: pa.Array) -> pa.Array:
+    return values if pa.types.is_string(values.type) else values.cast(pa.string())
 
 
 def _taken_rows(values: pa.Array | pa.ChunkedArray, rows: Ints) -> pa.Array:
@@ -465,8 +478,8 @@ def _stored_id_fingerprints(frame: pd.DataFrame) -> tuple[U64, U64] | None:
 
 
 def _ids_at(frame: pd.DataFrame, rows: Ints) -> pa.Array:
-    """The ids of ``rows``, taken without first joining the id column's chunks."""
-    return _taken_rows(pa.array(frame.index.array, type=pa.string(), from_pandas=True), rows)
+    """The ids of ``rows``, taken without first joining (or converting) the id column."""
+    return _as_string(_taken_rows(_arrow_text(frame.index.array), rows))
 
 
 def _id_fingerprints(frame: pd.DataFrame) -> tuple[U64, U64]:
