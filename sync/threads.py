@@ -27,8 +27,9 @@ def map_on_threads(work: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
     return [work(item) for item in items]
 
 
-def runs_of(size: int) -> list[slice]:
-    """``range(size)`` cut into :data:`WORKERS` runs of about the same length (none empty),
-    for :func:`map_on_threads` to take a run a thread."""
-    step = max(1, -(-size // WORKERS))
+def runs_of(size: int, per_worker: int = 1) -> list[slice]:
+    """``range(size)`` cut into ``per_worker`` runs a worker of about the same length (none
+    empty), for :func:`map_on_threads` to take a run a thread. More runs than threads keep
+    fewer of each run's temporary arrays alive at once."""
+    step = max(1, -(-size // (WORKERS * per_worker)))
     return [slice(start, min(start + step, size)) for start in range(0, size, step)]
