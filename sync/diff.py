@@ -504,14 +504,23 @@ def record_fingerprints(
 # -- matching --------------------------------------------------------------------------------
 
 
-def _match(snapshot: pd.DataFrame, state: pd.DataFrame, table: pd.Index | None = None) -> Ints:
+def _match(
+    snapshot: pd.DataFrame,
+    state: pd.DataFrame,
+    table: pd.Index | None = None,
+    snap_order: HashOrder | None = None,
+    state_order: HashOrder | None = None,
+) -> Ints:
     """For each snapshot user, its row in the state, or -1.
 
-    ``table`` is the state's ``_id_hash`` as an index, when the caller keeps one at hand.
+    ``table`` is the state's ``_id_hash`` as an index, when the caller keeps one at hand;
+    ``snap_order`` and ``state_order`` the sides' :class:`HashOrder`, when sorted already.
     """
     if len(state) == 0:
         return np.full(len(snapshot), -1, dtype=np.intp)
-    found = _fast_match(_id_fingerprints(snapshot), _id_fingerprints(state), table)
+    found = _fast_match(
+        _id_fingerprints(snapshot), _id_fingerprints(state), table, snap_order, state_order
+    )
     if found is not None:
         return found
     # Two ids share 64 bits of fingerprint (or the state repeats an id): join exactly instead.
@@ -651,7 +660,7 @@ def _locate(
             if found is not None:
                 return found, state
         state = state.whole()
-    return _match(snapshot, state.users), state
+    return _match(snapshot, state.users, snap_order=order, state_order=state.id_order), state
 
 
 @dataclass
