@@ -610,6 +610,8 @@ def _wide(files: Sequence[Path], source: SourceSettings, invalid: _Invalid) -> _
     valid = np.flatnonzero(_without_missing_ids(rows.ids, origin, invalid))
     rows = rows.take(valid)
     rows.fingerprints = id_fingerprints(rows.ids)
+    # Sorted once: to find repeated ids here, and to match the snapshot to the state later.
+    rows.order = order_hashes(rows.fingerprints[0])
     return rows.take(_deduplicate(rows, origin.subset(valid), invalid))
 
 
@@ -652,9 +654,8 @@ def _deduplicate(rows: _Users, origin: _Origin, invalid: _Invalid) -> Ints:
     """The rows to keep: one per id; ids whose rows disagree are voided."""
     candidates = np.arange(len(rows.ids))
     assert rows.fingerprints is not None  # set by the caller
-    # Sorting settles the usual case, no repeat at all, faster than a hash table of every id;
-    # the diff matches the snapshot to the state with the same order.
-    rows.order = order_hashes(rows.fingerprints[0])
+    assert rows.order is not None
+    # The sorted ids settle the usual case, no repeat at all, faster than a hash table.
     repeated = rows.order.repeated(rows.fingerprints[0])
     if not repeated.any():
         return candidates

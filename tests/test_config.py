@@ -93,6 +93,19 @@ _CHOSEN_POOL = (
 )
 
 
+def _shown_after_choosing_allocators(variable: str, given: str | None, show: str) -> str:
+    """What ``show`` prints in a fresh interpreter that called choose_allocators first, with
+    ``variable`` set to ``given`` (or unset)."""
+    probe = f"from sync.config import choose_allocators; choose_allocators(); {show}"
+    env = {k: v for k, v in os.environ.items() if k != variable}
+    if given is not None:
+        env[variable] = given
+    shown = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    return shown.stdout.strip()
+
+
 @pytest.mark.parametrize(
     ("given", "used"), [(None, _CHOSEN_POOL), ("system", "system"), ("mimalloc", "mimalloc")]
 )
@@ -101,17 +114,12 @@ def test_pyarrow_allocates_with_jemalloc_unless_the_environment_says_otherwise(
 ) -> None:
     """The entry point picks pyarrow's allocator (jemalloc where its wheels carry it, malloc
     elsewhere, never mimalloc), and an explicit ARROW_DEFAULT_MEMORY_POOL still wins."""
-    probe = (
-        "from sync.config import choose_allocators; choose_allocators(); "
-        "import pyarrow; print(pyarrow.default_memory_pool().backend_name)"
+    shown = _shown_after_choosing_allocators(
+        "ARROW_DEFAULT_MEMORY_POOL",
+        given,
+        "import pyarrow; print(pyarrow.default_memory_pool().backend_name)",
     )
-    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
-    if given is not None:
-        env["ARROW_DEFAULT_MEMORY_POOL"] = given
-    shown = subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
-    )
-    assert shown.stdout.strip() == used
+    assert shown == used
 
 
 @pytest.mark.parametrize(("given", "used"), [(None, False), ("1", True), ("0", False)])
@@ -120,14 +128,9 @@ def test_numpy_asks_for_no_huge_pages_unless_the_environment_says_otherwise(
 ) -> None:
     """The entry point turns off numpy's request for transparent huge pages, and an explicit
     NUMPY_MADVISE_HUGEPAGE still wins."""
-    probe = (
-        "from sync.config import choose_allocators; choose_allocators(); "
-        "import numpy; print(numpy._core.multiarray._set_madvise_hugepage(False))"
+    shown = _shown_after_choosing_allocators(
+        "NUMPY_MADVISE_HUGEPAGE",
+        given,
+        "import numpy; print(numpy._core.multiarray._set_madvise_hugepage(False))",
     )
-    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
-    if given is not None:
-        env["NUMPY_MADVISE_HUGEPAGE"] = given
-    shown = subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
-    )
-    assert shown.stdout.strip() == str(used)
+    assert shown == str(used)
