@@ -22,6 +22,7 @@ Every function here is pure and vectorised: numpy over Arrow buffers, no Python 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -257,10 +258,16 @@ def order_hashes(hashes: U64, bits: int | None = None) -> HashOrder:
 
 
 class RecordFingerprint:
-    """Accumulates the record fingerprint of ``size`` users, one column at a time."""
+    """Accumulates the record fingerprint of ``size`` users, one column at a time.
+
+    Columns may be added from several threads at once (their terms are independent and the
+    sum does not depend on their order): each thread makes its terms on its own, and a lock
+    lets one thread at a time add them to the sum.
+    """
 
     def __init__(self, size: int) -> None:
         self._sum = np.zeros(size, dtype=np.uint64)
+        self._adding = threading.Lock()
 
     def add_flags(self, flags: Mapping[str, npt.NDArray[np.bool_]]) -> None:
         """Audiences, by key: a member adds the key's term; a non-member adds nothing.
@@ -275,10 +282,12 @@ class RecordFingerprint:
         terms = [(_salt(f"audience\0{key}"), present) for key, present in flags.items()]
 
         def add_block(start: int) -> None:
-            total = self._sum[start : start + _FLAG_BLOCK]
+            total = np.zeros(min(_FLAG_BLOCK, len(self._sum) - start), dtype=np.uint64)
             scratch = np.empty_like(total)
             for salt, present in terms:
                 _add_where(total, salt, present[start : start + _FLAG_BLOCK], scratch)
+            with self._adding:
+                self._sum[start : start + len(total)] += total
 
         map_on_threads(add_block, range(0, len(self._sum), _FLAG_BLOCK))
 
@@ -301,7 +310,9 @@ class RecordFingerprint:
             valid &= word_valid[codes]
         if len(words):
             terms = hash_strings(words, (salt,))[0][codes]
-            _add_where(self._sum, terms, valid, terms)
+            np.multiply(terms, valid, out=terms)
+            with self._adding:
+                self._sum += terms
 
     def add_numbers(self, key: str, values: pa.Array | pa.ChunkedArray) -> None:
         """Typed numbers (integers, floats, booleans) hashed by their bits: no text needed.
@@ -336,17 +347,16 @@ class RecordFingerprint:
         for start in range(0, len(bits), _BLOCK):
             stop = start + _BLOCK
             terms = _finalise((bits[start:stop] ^ salt) * _GOLDEN)
-            total = self._sum[start:stop]
-            if valid is None:
-                total += terms
-            else:
-                _add_where(total, terms, valid[start:stop], terms)
+            if valid is not None:
+                np.multiply(terms, valid[start:stop], out=terms)
+            with self._adding:
+                self._sum[start:stop] += terms
 
     def _add_valid(self, terms: U64, values: pa.Array | pa.ChunkedArray) -> None:
         if values.null_count:
             valid = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-            _add_where(self._sum, terms, valid, terms)
-        else:
+            np.multiply(terms, valid, out=terms)
+        with self._adding:
             self._sum += terms
 
     def finish(self) -> U64:
