@@ -285,8 +285,13 @@ def _float_text(values: pa.Array) -> pa.Array:
     return _replace(text, nan, pa.nulls(int(nan.sum()), pa.string()))
 
 
-def _few_distinct(values: pa.Array, sample: int = 4096) -> bool:
-    """Whether a sample of ``values`` repeats enough that encoding them first pays."""
+def _few_distinct(values: pa.Array, sample: int = 1 << 16) -> bool:
+    """Whether a sample of ``values`` repeats enough that encoding them first pays.
+
+    The sample is large enough to see a column of a few thousand distinct values (products,
+    cities) repeat: in a sample of 4096 such a column looked all but unique, and ten million
+    of its strings were rendered and hashed one by one (0.9 s of CPU against 0.2 s to encode).
+    """
     head = values.slice(0, sample)
     return len(head) == sample and len(pc.unique(head)) * 8 < sample
 
