@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -16,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from sync.errors import LockHeldError, StateError
 from sync.state import FORMAT_VERSION, StateStore, StoredState
 from sync.state._atomic import atomic_write, atomic_write_bytes
 from sync.state._frames import decode_categories, encode_categories, to_coded_table, to_table
+from sync.state._lazy import RowReader
 
 RUN_1 = "20250101T000000Z-aaaaaa"
 RUN_2 = "20250102T000000Z-bbbbbb"
@@ -186,6 +189,54 @@ def test_lazy_load_reads_rows_across_row_groups(store: StateStore) -> None:
     assert rows.index.tolist() == [ids[p] for p in positions]
     assert rows["name"].tolist() == [f"n{p}" for p in positions]
     assert rows["_hash"].tolist() == positions.tolist()
+
+
+def test_lazy_rows_are_the_same_from_a_file_of_either_encoding(store: StateStore) -> None:
+    """Trait text is written as dictionary pages and audience codes as plain pages now; a file
+    written the earlier way (codes as dictionary pages, text plain) reads the same rows."""
+    count = 300_000  # three row groups, each with its own trait dictionary
+    users = users_frame(
+        {
+            f"u{n:06d}": {
+                "name": f"n{n}" if n % 3 else None,
+                "email": f"u{n}@x.io",
+                "vip_users": (None, "false", "true")[n % 3],
+                "total_revenue": None if n % 7 == 0 else str(n % 40),
+                "_hash": n,
+            }
+            for n in range(count)
+        }
+    )
+    store.commit(stored(users), RUN_1)
+    now = (store.directory / "state.parquet").read_bytes()
+    table = pq.read_table(pa.BufferReader(now))
+    coded = {"vip_users", "_last_run"}
+    earlier = io.BytesIO()
+    pq.write_table(
+        table,
+        earlier,
+        use_dictionary=sorted(coded & set(table.column_names)),
+        compression={
+            f.name: "lz4" if pa.types.is_large_string(f.type) else "none" for f in table.schema
+        },
+        row_group_size=131_072,
+    )
+    group = pq.read_metadata(pa.BufferReader(now)).row_group(0)
+    pages = {
+        group.column(i).path_in_schema: group.column(i).has_dictionary_page
+        for i in range(group.num_columns)
+    }
+    assert pages["total_revenue"]
+    assert not pages["vip_users"]
+    assert not pages["email"]
+
+    positions = np.array([0, 1, 7, 131_071, 131_072, 200_003, count - 1], dtype=np.intp)
+    expected = store.load().users.iloc[positions]
+    for data in (now, earlier.getvalue()):
+        reader = RowReader(pa.py_buffer(data), lambda exc: exc, lambda: None)
+        pd.testing.assert_frame_equal(
+            reader(positions).drop(columns="_last_run", errors="ignore"), expected
+        )
 
 
 def test_lazy_load_with_pending_checkpoints_or_no_commit_matches_load(

@@ -203,6 +203,18 @@ def coded_columns(schema: pa.Schema) -> list[str]:
     return list(_coded_columns(schema))
 
 
+def trait_text_columns(schema: pa.Schema) -> list[str]:
+    """The text columns of a users table that hold trait values: every text column but the
+    ids, ``name`` and ``email``."""
+    own = {index_column(schema), "name", "email"}
+    return [
+        field.name
+        for field in schema
+        if field.name not in own
+        and (pa.types.is_string(field.type) or pa.types.is_large_string(field.type))
+    ]
+
+
 def _coded_columns(schema: pa.Schema) -> dict[str, Any]:
     """The columns of ``schema`` that hold categorical codes, with their categories."""
     raw = (schema.metadata or {}).get(_CATEGORIES_META)

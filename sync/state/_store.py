@@ -56,6 +56,7 @@ from sync.state._frames import (
     index_column,
     to_coded_table,
     to_frame,
+    trait_text_columns,
     upsert,
 )
 from sync.state._jsonl import JsonlLog
@@ -899,13 +900,13 @@ def _parquet_parts_writer(tables: Iterator[pa.Table]) -> Callable[[HashingWriter
 def _write_options(schema: pa.Schema) -> dict[str, Any]:
     """How the state's Parquet file is written, for a table of ``schema`` (coded)."""
     return {
-        # Chosen per column for the write's CPU time, which every commit pays (a million
-        # users: about half of what zstd everywhere cost, for a file 30% larger).
+        # Chosen per column for the time to write and to read back (see _codecs).
         "compression": _codecs(schema),
-        # Dictionary pages pay only for the small integer codes of categoricals, which they
-        # shrink to almost nothing; on ids, text and hashes the writer builds a dictionary per
-        # page only to give it up.
-        "use_dictionary": coded_columns(schema),
+        # Dictionary pages only for trait text, which repeats (plans, scores, counts): a
+        # reader asking for those columns as dictionaries skips building a string per row.
+        # On ids, names and emails the writer would build a dictionary per page only to give
+        # it up, and audience codes read faster as plain LZ4 pages (below).
+        "use_dictionary": trait_text_columns(schema),
         # Page checksums let a reader of part of a file (``show``) still catch corruption.
         "write_page_checksum": True,
         # Statistics serve only to find one id (``show``); on every string column they cost a
@@ -917,14 +918,20 @@ def _write_options(schema: pa.Schema) -> dict[str, Any]:
 
 
 def _codecs(schema: pa.Schema) -> dict[str, str]:
-    """Per column: LZ4 for text (fast both ways), nothing for numbers and codes.
+    """Per column: LZ4 for text and audience codes (fast both ways), nothing for the rest.
 
-    Random 64-bit fingerprints do not compress at all, and dictionary-encoded codes are tiny
-    already, so compressing them only spends time.
+    Random 64-bit fingerprints do not compress at all, so compressing them only spends time.
+    Audience codes are stored plain (Parquet widens them to 32 bits) and LZ4 shrinks them to
+    a byte a user or less: twenty audiences of ten million users read back in 0.75 s of CPU
+    instead of 1.22 s as dictionary pages, and write in 2.1 s instead of 2.8 s, for a file
+    60 MB larger.
     """
     text = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary)
+    coded = set(coded_columns(schema))
     return {
-        field.name: "lz4" if any(check(field.type) for check in text) else "none"
+        field.name: "lz4"
+        if field.name in coded or any(check(field.type) for check in text)
+        else "none"
         for field in schema
     }
 
