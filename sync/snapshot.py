@@ -60,7 +60,14 @@ from sync.diff import (
     TraitValues,
 )
 from sync.errors import ConfigError, SourceError
-from sync.fingerprint import U64, HashOrder, RecordFingerprint, id_fingerprints, order_hashes
+from sync.fingerprint import (
+    U64,
+    HashOrder,
+    RecordFingerprint,
+    dictionary_codes,
+    id_fingerprints,
+    order_hashes,
+)
 from sync.keys import MAX_DIMENSION_LENGTH, format_value, snake_case, wire_value
 from sync.threads import WORKERS
 
@@ -979,12 +986,9 @@ def _trait(fingerprint: RecordFingerprint, key: str, raw: pa.Array) -> TraitValu
         words = render(encoded.dictionary)
         text = pa.DictionaryArray.from_arrays(encoded.indices, words)
         fingerprint.add_strings(key, text)
-        present = (
-            _bools(encoded.indices.is_valid())
-            & _bools(words.is_valid())[
-                np.asarray(encoded.indices.fill_null(0).to_numpy(zero_copy_only=False), np.intp)
-            ]
-        )
+        # A user's value is there when its code and its word are not null (see
+        # dictionary_codes: a null code looks up the last slot, False).
+        present = np.append(_bools(words.is_valid()), False)[dictionary_codes(text)]
         return TraitValues(text, _decoded, present)
     text = render(raw)
     fingerprint.add_strings(key, text)

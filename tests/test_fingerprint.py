@@ -6,8 +6,15 @@ import itertools
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
-from sync.fingerprint import RecordFingerprint, hash_strings, id_fingerprints, order_hashes
+from sync.fingerprint import (
+    RecordFingerprint,
+    dictionary_codes,
+    hash_strings,
+    id_fingerprints,
+    order_hashes,
+)
 
 IDS = ["", "a", "user_1", "0f8fad5b-d9cb-469f-a165-70867728950e", "émile@example.com", "x" * 17]
 # Computed when the state format was fixed; a state written then holds exactly these.
@@ -101,3 +108,17 @@ def test_hash_order_sorts_by_high_bits_and_finds_exact_repeats() -> None:
     assert sorted(rows.tolist()) == list(range(len(hashes)))
     assert order.repeated(hashes).tolist() == [True, False, False, False, True, False]
     assert not order_hashes(hashes[:4]).repeated(hashes[:4]).any()
+
+
+@pytest.mark.parametrize("index_type", [pa.int8(), pa.int32()])
+def test_dictionary_text_adds_the_terms_of_its_plain_text(index_type: pa.DataType) -> None:
+    """Text hashed one distinct word at a time adds what the same text as plain strings adds,
+    null codes and null words included, even with as many words as an int8 code can name."""
+    words = pa.array([f"word {n}" for n in range(127)] + [None])
+    indices = pa.array([0, None, 127, 5, None, 126, 5], index_type)
+    coded = pa.DictionaryArray.from_arrays(indices, words)
+    by_word, by_value = RecordFingerprint(len(indices)), RecordFingerprint(len(indices))
+    by_word.add_strings("plan", coded)
+    by_value.add_strings("plan", coded.dictionary_decode())
+    assert by_word.finish().tolist() == by_value.finish().tolist()
+    assert dictionary_codes(coded).tolist() == [0, 128, 127, 5, 128, 126, 5]
