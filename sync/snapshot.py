@@ -554,7 +554,9 @@ class _Users:
     order: HashOrder | None = None  # of fingerprints[0], when already sorted
 
     def take(self, rows: Ints) -> _Users:
-        if len(rows) == len(self.ids) and np.array_equal(rows, np.arange(len(rows))):
+        """The users at ``rows``: sorted and unique, so as many rows as users are all of them
+        (checking that against a range cost two column-sized arrays at the peak)."""
+        if len(rows) == len(self.ids):
             return self
         return _Users(
             ids=_take(self.ids, rows),
@@ -617,10 +619,13 @@ def _own_columns(source: SourceSettings) -> dict[str, str]:
     return own
 
 
-def _optional_text(table: pa.Table, column: str | None, *, chunked: bool = False) -> Text:
+def _optional_text(
+    columns: Mapping[str, pa.ChunkedArray], column: str | None, size: int, *, chunked: bool = False
+) -> Text:
+    """The name or email column (see :func:`_plain_text`), or absent for all ``size`` users."""
     if column is None:
-        return pa.nulls(table.num_rows, pa.string())
-    return _plain_text(table.column(column), chunked=chunked)
+        return pa.nulls(size, pa.string())
+    return _plain_text(columns[column], chunked=chunked)
 
 
 def _without_missing_ids(ids: pa.Array, origin: _Origin, invalid: _Invalid) -> Bools:
@@ -648,30 +653,33 @@ def _wide(files: Sequence[Path], source: SourceSettings, invalid: _Invalid) -> _
 
 
 def _wide_columns(files: Sequence[Path], source: SourceSettings) -> tuple[_Users, _Origin]:
-    """Every row of the wide files, as columns; the table read goes when this returns, so
-    only the columns kept outlive it (each trait column is joined into one array here, and
-    its row-group chunks would otherwise be held twice through the hashing: 400 MB at 10M
-    users)."""
+    """Every row of the wide files, as columns.
+
+    The table read is let go before its columns are made ready, and each audience and trait
+    column is handed to its task alone, so its row groups are freed as soon as it is ready:
+    a trait column is joined into one array here, and holding every column's row groups until
+    the last was ready kept them all twice (2.7 GB at the peak of a 10M-user dry run).
+    """
     own = _own_columns(source)
     configured = dict.fromkeys(source.audiences or (), "source.audiences")
     configured |= dict.fromkeys(source.traits or (), "source.traits")
     only = source.audiences is not None and source.traits is not None
     table, origin = _read_all(files, {**own, **configured}, text=own, only=only)
-    names = [column for column in table.column_names if column not in own]
-    audiences, traits = _split(
-        names, source, lambda name: _looks_boolean(table.column(name), numbers=False)
-    )
+    size = table.num_rows
+    audiences, traits = _kinds(table, own, source)
+    columns = {name: table.column(name) for name in {*own, *audiences, *traits}}
+    del table
     # Every column is made ready on a few threads at once: Arrow's kernels release the GIL,
     # and a space has dozens of audience columns.
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="columns") as pool:
-        ids = pool.submit(_plain_text, table.column(source.id_column), chunked=True)
-        name = pool.submit(_optional_text, table, source.name_column, chunked=True)
-        email = pool.submit(_optional_text, table, source.email_column, chunked=True)
+        values = {trait: pool.submit(_flat, columns.pop(trait)) for trait in traits}
         flags = {
-            audience: pool.submit(_members, table.column(audience), f"audience column {audience!r}")
+            audience: pool.submit(_members, columns.pop(audience), f"audience column {audience!r}")
             for audience in audiences
         }
-        values = {trait: pool.submit(_flat, table.column(trait)) for trait in traits}
+        ids = pool.submit(_plain_text, columns[source.id_column], chunked=True)
+        name = pool.submit(_optional_text, columns, source.name_column, size, chunked=True)
+        email = pool.submit(_optional_text, columns, source.email_column, size, chunked=True)
     rows = _Users(
         ids=ids.result(),
         name=name.result(),
@@ -680,6 +688,14 @@ def _wide_columns(files: Sequence[Path], source: SourceSettings) -> tuple[_Users
         traits={trait: made.result() for trait, made in values.items()},
     )
     return rows, origin
+
+
+def _kinds(
+    table: pa.Table, own: Mapping[str, str], source: SourceSettings
+) -> tuple[list[str], list[str]]:
+    """The audience and trait columns of a wide table (see :func:`_split`)."""
+    names = [column for column in table.column_names if column not in own]
+    return _split(names, source, lambda name: _looks_boolean(table.column(name), numbers=False))
 
 
 def _deduplicate(rows: _Users, origin: _Origin, invalid: _Invalid) -> Ints:
@@ -792,8 +808,9 @@ def _membership(files: Sequence[Path], source: SourceSettings, invalid: _Invalid
     ids = _plain_text(table.column(source.id_column))
     rows = np.flatnonzero(_without_missing_ids(ids, origin, invalid))
     user_of, user_ids = _codes(_take(ids, rows))
-    name = _take(_optional_text(table, source.name_column), rows)
-    email = _take(_optional_text(table, source.email_column), rows)
+    columns = dict(zip(table.column_names, table.columns, strict=True))
+    name = _take(_optional_text(columns, source.name_column, table.num_rows), rows)
+    email = _take(_optional_text(columns, source.email_column, table.num_rows), rows)
     # A user's rows differ by audience, but must not by name or email.
     conflicting = _disagree(user_of, name, len(user_ids)) | _disagree(user_of, email, len(user_ids))
     _void(ids, rows[conflicting[user_of]], origin, invalid, CONFLICTING_DUPLICATE)
