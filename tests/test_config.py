@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sync.config import load_settings
+from sync.config import JEMALLOC_DECAY, load_settings
 from sync.errors import ConfigError
 
 
@@ -103,6 +103,7 @@ def _shown_after_choosing_allocators(variable: str, given: str | None, show: str
     shown = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
     )
+    assert "<jemalloc>" not in shown.stderr  # jemalloc complains of a setting it cannot take
     return shown.stdout.strip()
 
 
@@ -134,3 +135,19 @@ def test_numpy_asks_for_no_huge_pages_unless_the_environment_says_otherwise(
         "import numpy; print(numpy._core.multiarray._set_madvise_hugepage(False))",
     )
     assert shown == str(used)
+
+
+@pytest.mark.parametrize(
+    ("given", "used"), [(None, JEMALLOC_DECAY), ("dirty_decay_ms:0", "dirty_decay_ms:0")]
+)
+def test_jemalloc_returns_pages_after_half_a_second_unless_the_environment_says_otherwise(
+    given: str | None, used: str
+) -> None:
+    """The entry point tells pyarrow's jemalloc to hand back pages unused for half a second,
+    in a form jemalloc takes, and an explicit JE_ARROW_MALLOC_CONF still wins."""
+    shown = _shown_after_choosing_allocators(
+        "JE_ARROW_MALLOC_CONF",
+        given,
+        "import os, pyarrow; pyarrow.array(range(99)); print(os.environ['JE_ARROW_MALLOC_CONF'])",
+    )
+    assert shown == used
