@@ -333,7 +333,7 @@ def _text(frame: pd.DataFrame, column: str, rows: Ints | None = None) -> pa.Arra
         return pa.nulls(size, pa.string())
     series = frame[column]
     if isinstance(series.dtype, pd.CategoricalDtype):
-        codes = series.cat.codes.to_numpy()
+        codes = _category_codes(series)
         categories = pa.array([str(value) for value in series.cat.categories], pa.string())
         picked = codes if rows is None else np.where(rows < 0, -1, codes[np.maximum(rows, 0)])
         return categories.take(pa.array(picked, mask=picked < 0))
@@ -399,7 +399,7 @@ def _audience(frame: pd.DataFrame, column: str, rows: Ints | None = None) -> tup
         return np.zeros(size, bool), np.zeros(size, bool)
     series = frame[column]
     if isinstance(series.dtype, pd.CategoricalDtype):
-        codes = series.cat.codes.to_numpy()
+        codes = _category_codes(series)
         if rows is not None:
             codes = codes[rows]
         categories = list(series.cat.categories)
@@ -427,7 +427,7 @@ class _Members:
         if series is not None and isinstance(series.dtype, pd.CategoricalDtype):
             categories = list(series.cat.categories)
             code = categories.index("true") if "true" in categories else -2
-            return cls(series.cat.codes.to_numpy(), code)
+            return cls(_category_codes(series), code)
         return cls(_audience(frame, column)[0].view(np.int8), 1)
 
     def at(self, rows: Ints) -> Bools:
@@ -437,6 +437,16 @@ class _Members:
     def every(self) -> Bools:
         member: Bools = self.codes == self.code
         return member
+
+
+def _category_codes(series: pd.Series) -> npt.NDArray[np.integer]:
+    """A categorical column's codes, read-only, without a copy (``Series.cat.codes`` makes a
+    new Series, which copies them: 190 MB for twenty audiences of ten million users)."""
+    categorical = series.array
+    if not isinstance(categorical, pd.Categorical):
+        raise TypeError(f"column {series.name!r} is not categorical")
+    codes: npt.NDArray[np.integer] = categorical.codes
+    return codes
 
 
 def _bools(values: pa.Array | pa.ChunkedArray) -> Bools:
@@ -1270,7 +1280,7 @@ def _concat_take(
             if column == HASH:
                 data[column] = pool.submit(_gather, hashes, tail.to_numpy(np.uint64), order)
             elif isinstance(head.dtype, pd.CategoricalDtype):
-                codes = head.cat.codes.to_numpy(), tail.cat.codes.to_numpy()
+                codes = _category_codes(head), _category_codes(tail)
                 data[column] = (head.dtype, pool.submit(_gather, codes[0], codes[1], order))
             elif isinstance(head.dtype, np.dtype):
                 data[column] = pool.submit(_gather, head.to_numpy(), tail.to_numpy(), order)
