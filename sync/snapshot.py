@@ -671,10 +671,16 @@ def _wide_columns(files: Sequence[Path], source: SourceSettings) -> tuple[_Users
     del table
     # Every column is made ready on a few threads at once: Arrow's kernels release the GIL,
     # and a space has dozens of audience columns.
+
+    def handed_over(name: str) -> pa.ChunkedArray:
+        # The id, name and email columns stay: a configuration may list one of them as an
+        # audience or trait too (and learns later why it may not).
+        return columns[name] if name in own else columns.pop(name)
+
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="columns") as pool:
-        values = {trait: pool.submit(_flat, columns.pop(trait)) for trait in traits}
+        values = {trait: pool.submit(_flat, handed_over(trait)) for trait in traits}
         flags = {
-            audience: pool.submit(_members, columns.pop(audience), f"audience column {audience!r}")
+            audience: pool.submit(_members, handed_over(audience), f"audience column {audience!r}")
             for audience in audiences
         }
         ids = pool.submit(_plain_text, columns[source.id_column], chunked=True)

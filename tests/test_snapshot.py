@@ -443,6 +443,17 @@ def test_reserved_key_is_a_config_error(tmp_path: Path) -> None:
         _read(path)
 
 
+@pytest.mark.parametrize("listed_as", ["audiences", "traits"])
+def test_the_email_column_listed_as_a_key_is_the_reserved_key_error(
+    tmp_path: Path, listed_as: str
+) -> None:
+    """The email column configured as an audience or trait too is refused for its key, not
+    lost on the way: it is still the customer's email column while the snapshot is read."""
+    path = _write_parquet(tmp_path / "s.parquet", [{"user_id": "u1", "email": "a@b.c"}])
+    with pytest.raises(ConfigError, match=r"reserved.*\[keys\]"):
+        _read(path, id_column="user_id", email_column="email", **{listed_as: ["email"]})
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
