@@ -669,14 +669,14 @@ def _wide_columns(files: Sequence[Path], source: SourceSettings) -> tuple[_Users
     audiences, traits = _kinds(table, own, source)
     columns = {name: table.column(name) for name in {*own, *audiences, *traits}}
     del table
-    # Every column is made ready on a few threads at once: Arrow's kernels release the GIL,
-    # and a space has dozens of audience columns.
 
     def handed_over(name: str) -> pa.ChunkedArray:
         # The id, name and email columns stay: a configuration may list one of them as an
         # audience or trait too (and learns later why it may not).
         return columns[name] if name in own else columns.pop(name)
 
+    # Every column is made ready on a few threads at once: Arrow's kernels release the GIL,
+    # and a space has dozens of audience columns.
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="columns") as pool:
         values = {trait: pool.submit(_flat, handed_over(trait)) for trait in traits}
         flags = {
