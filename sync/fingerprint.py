@@ -151,6 +151,13 @@ def dictionary_codes(values: pa.DictionaryArray) -> npt.NDArray[np.int32 | np.in
     return np.asarray(indices.to_numpy(zero_copy_only=False))
 
 
+def _valid(values: pa.Array) -> npt.NDArray[np.bool_] | None:
+    """Per value: not null; None when none is null."""
+    if not values.null_count:
+        return None
+    return np.asarray(values.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+
+
 def _is_text(kind: pa.DataType) -> bool:
     return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
 
@@ -297,8 +304,7 @@ class RecordFingerprint:
             scratch = np.empty_like(total)
             for salt, present in terms:
                 _add_where(total, salt, present[start : start + _FLAG_BLOCK], scratch)
-            with self._adding:
-                self._sum[start : start + len(total)] += total
+            self._add(total, None, slice(start, start + len(total)))
 
         map_on_threads(add_block, range(0, len(self._sum), _FLAG_BLOCK))
 
@@ -309,22 +315,27 @@ class RecordFingerprint:
             values = values.combine_chunks()
         if values.null_count == len(values):
             return
-        salt = int(_salt(f"text\0{key}"))
-        if not pa.types.is_dictionary(values.type):
-            self._add_valid(hash_strings(values, (salt,))[0], values)
+        if pa.types.is_dictionary(values.type):
+            self.add_coded(key, values.dictionary, dictionary_codes(values))
             return
-        words = values.dictionary
+        salt = int(_salt(f"text\0{key}"))
+        self._add(hash_strings(values, (salt,))[0], _valid(values))
+
+    def add_coded(self, key: str, words: pa.Array, codes: npt.NDArray[np.integer]) -> None:
+        """Text given as ``words`` and a code per user into them (see :func:`dictionary_codes`:
+        ``len(words)`` for none), as :meth:`add_strings` adds the same text.
+
+        Each word's term once, and one more slot, 0, for no value: one gather then gives
+        every user's term, where masking by validity took three more passes.
+        """
         if not len(words):
             return
-        # Each word's term once, and one more slot, 0, for a null code: one gather then
-        # gives every user's term, where masking by validity took three more passes.
         table = np.zeros(len(words) + 1, dtype=np.uint64)
-        table[:-1] = hash_strings(words, (salt,))[0]
-        if words.null_count:
-            table[:-1] *= np.asarray(words.is_valid().to_numpy(zero_copy_only=False), bool)
-        terms = table[dictionary_codes(values)]
-        with self._adding:
-            self._sum += terms
+        table[:-1] = hash_strings(words, (int(_salt(f"text\0{key}")),))[0]
+        word_valid = _valid(words)
+        if word_valid is not None:
+            table[:-1] *= word_valid  # a null word adds nothing either
+        self._add(table[codes], None)
 
     def add_numbers(self, key: str, values: pa.Array | pa.ChunkedArray) -> None:
         """Typed numbers (integers, floats, booleans) hashed by their bits: no text needed.
@@ -334,9 +345,7 @@ class RecordFingerprint:
         """
         if isinstance(values, pa.ChunkedArray):
             values = values.combine_chunks()
-        valid: npt.NDArray[np.bool_] | None = None
-        if values.null_count:
-            valid = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        valid = _valid(values)
         if pa.types.is_boolean(values.type):
             # Null as false: Kleene AND with validity, a tenth of the cost of fill_null.
             flags = pc.and_kleene(values, pc.is_valid(values))
@@ -357,19 +366,19 @@ class RecordFingerprint:
         # A block at a time, like the string hashing: five column-sized temporaries per
         # column were five times fresh pages at ten million users.
         for start in range(0, len(bits), _BLOCK):
-            stop = start + _BLOCK
-            terms = _finalise((bits[start:stop] ^ salt) * _GOLDEN)
-            if valid is not None:
-                np.multiply(terms, valid[start:stop], out=terms)
-            with self._adding:
-                self._sum[start:stop] += terms
+            rows = slice(start, start + _BLOCK)
+            self._add(_finalise((bits[rows] ^ salt) * _GOLDEN), valid, rows)
 
-    def _add_valid(self, terms: U64, values: pa.Array | pa.ChunkedArray) -> None:
-        if values.null_count:
-            valid = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-            np.multiply(terms, valid, out=terms)
+    def _add(
+        self, terms: U64, valid: npt.NDArray[np.bool_] | None, rows: slice = slice(None)
+    ) -> None:
+        """``terms`` (of users ``rows``) into the sum where ``valid`` (None: everywhere);
+        ``terms`` is spent. The terms are masked on the calling thread, the sum is added to
+        under the lock."""
+        if valid is not None:
+            np.multiply(terms, valid[rows], out=terms)
         with self._adding:
-            self._sum += terms
+            self._sum[rows] += terms
 
     def finish(self) -> U64:
         """The fingerprints; never :data:`UNKNOWN`."""

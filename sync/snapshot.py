@@ -1008,10 +1008,11 @@ def _trait(fingerprint: RecordFingerprint, key: str, raw: pa.Array) -> TraitValu
         encoded = pc.dictionary_encode(raw)
         words = render(encoded.dictionary)
         text = pa.DictionaryArray.from_arrays(encoded.indices, words)
-        fingerprint.add_strings(key, text)
-        # A user's value is there when its code and its word are not null (see
-        # dictionary_codes: a null code looks up the last slot, False).
-        present = np.append(_bools(words.is_valid()), False)[dictionary_codes(text)]
+        codes = dictionary_codes(text)  # once, for the fingerprint and for presence
+        fingerprint.add_coded(key, words, codes)
+        # A user's value is there when its code and its word are not null (a null code
+        # looks up the last slot, False).
+        present = np.append(_bools(words.is_valid()), False)[codes]
         return TraitValues(text, _decoded, present)
     text = render(raw)
     fingerprint.add_strings(key, text)
