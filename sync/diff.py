@@ -402,9 +402,7 @@ def _audience(frame: pd.DataFrame, column: str, rows: Ints | None = None) -> tup
         codes = _category_codes(series)
         if rows is not None:
             codes = codes[rows]
-        categories = list(series.cat.categories)
-        true_code = categories.index("true") if "true" in categories else -2
-        return codes == true_code, codes >= 0
+        return codes == _true_code(series), codes >= 0
     values = _text(frame, column, rows)
     is_true = pc.fill_null(pc.equal(values, "true"), False)
     return _bools(is_true), _bools(values.is_valid())
@@ -425,9 +423,7 @@ class _Members:
     def of(cls, frame: pd.DataFrame, column: str) -> _Members:
         series = frame[column] if column in frame.columns else None
         if series is not None and isinstance(series.dtype, pd.CategoricalDtype):
-            categories = list(series.cat.categories)
-            code = categories.index("true") if "true" in categories else -2
-            return cls(_category_codes(series), code)
+            return cls(_category_codes(series), _true_code(series))
         return cls(_audience(frame, column)[0].view(np.int8), 1)
 
     def at(self, rows: Ints) -> Bools:
@@ -447,6 +443,13 @@ def _category_codes(series: pd.Series) -> npt.NDArray[np.integer]:
         raise TypeError(f"column {series.name!r} is not categorical")
     codes: npt.NDArray[np.integer] = categorical.codes
     return codes
+
+
+def _true_code(series: pd.Series) -> int:
+    """The code of ``"true"`` in a categorical audience column (-2, which no code is, when
+    the column has no such category)."""
+    categories = list(series.cat.categories)
+    return categories.index("true") if "true" in categories else -2
 
 
 def _bools(values: pa.Array | pa.ChunkedArray) -> Bools:
