@@ -89,13 +89,16 @@ __all__ = [
     "Diff",
     "InitialState",
     "KnownState",
+    "Settled",
     "Snapshot",
     "TraitValues",
     "acknowledged_rows",
     "apply_acknowledged",
     "diff",
     "initial_state",
+    "merge_run",
     "record_fingerprints",
+    "stored_fingerprints",
 ]
 
 INDEX_NAME: Final = "customer_id"
@@ -164,6 +167,22 @@ class TraitValues:
 
 
 @dataclass(frozen=True, eq=False)
+class Settled:
+    """Snapshot users settled as unchanged while the snapshot was read, and so left out of it.
+
+    Each was matched to a stored row whose record fingerprint equals its own (see
+    :mod:`sync.settle`): the diff would find it unchanged without looking at a value, so its
+    values were never kept. ``count`` is how many there are, ``members`` how many of them are
+    members of each audience key, and ``seen`` flags, per stored row, whether a snapshot user
+    (settled or not) holds it: the rows left unflagged are the exits.
+    """
+
+    count: int
+    seen: Bools
+    members: Mapping[str, int]
+
+
+@dataclass(frozen=True, eq=False)
 class Snapshot:
     """One validated snapshot: users by id, values as they go on the wire.
 
@@ -175,6 +194,10 @@ class Snapshot:
     number in that file), ``reason``) and ``invalid_counts`` counts them by reason; ``files``
     are the files read, in order. ``id_order`` is the :class:`HashOrder` of ``base``'s
     ``_id_hash`` when the reader sorted it already (the diff sorts it otherwise).
+
+    ``settled``, when the snapshot was read against the state, accounts for the users left out
+    as unchanged (see :class:`Settled`): ``base`` then holds only the others, and the diff
+    counts the settled ones among the unchanged. Such a snapshot cannot make a ``full`` diff.
     """
 
     base: pd.DataFrame
@@ -186,6 +209,7 @@ class Snapshot:
     invalid_counts: Mapping[str, int] = field(default_factory=dict)
     files: tuple[str, ...] = ()
     id_order: HashOrder | None = None
+    settled: Settled | None = None
 
     @cached_property
     def users(self) -> pd.DataFrame:
@@ -490,6 +514,19 @@ def _stored_id_fingerprints(frame: pd.DataFrame) -> tuple[U64, U64] | None:
     return stored_hash, stored_check
 
 
+def stored_fingerprints(state: KnownState) -> tuple[U64, U64, U64] | None:
+    """The state's id fingerprints (``_id_hash``, ``_id_check``) and record fingerprints
+    (``_hash``, :data:`~sync.fingerprint.UNKNOWN` where unknown) per stored row, or None when
+    a row lacks its id fingerprints."""
+    ids = _stored_id_fingerprints(state.users)
+    records = _uint64(state.users, HASH)
+    if ids is None:
+        return None
+    if records is None:
+        records = np.full(len(state.users), UNKNOWN, dtype=np.uint64)
+    return ids[0], ids[1], records
+
+
 def _ids_at(frame: pd.DataFrame, rows: Ints) -> pa.Array:
     """The ids of ``rows``, taken without first joining (or converting) the id column."""
     return _as_string(_taken_rows(_arrow_text(frame.index.array), rows))
@@ -607,7 +644,7 @@ def _merge_match(
     # The probes are merged in a few runs of the snapshot's order at once, on threads: each
     # run searches the whole stored side and fills its own rows of ``positions``.
     map_on_threads(
-        lambda run: _merge_run(
+        lambda run: merge_run(
             snap_order.packed[run], snap_hash, stored_order, state_hash, positions
         ),
         # Four runs a thread: only two runs' temporaries are alive at once (80 MB less at the
@@ -617,7 +654,7 @@ def _merge_match(
     return positions
 
 
-def _merge_run(
+def merge_run(
     packed: U64, snap_hash: U64, stored_order: HashOrder, state_hash: U64, positions: Ints
 ) -> None:
     """Match one run of the snapshot's sorted order (``packed``: keys with rows in the low
@@ -858,12 +895,13 @@ class _Sides:
         frame = pd.DataFrame(data, index=index, copy=False)
         return frame[["name", "email", *self.audience_keys, *self.trait_keys, *FINGERPRINTS]]
 
-    def key_stats(self) -> tuple[KeyStats, ...]:
+    def key_stats(self, settled_members: Mapping[str, int]) -> tuple[KeyStats, ...]:
+        """Per key its counts; ``settled_members``: members among users the reader settled."""
         audiences = [
             KeyStats(
                 key=key,
                 kind="audience",
-                members=int(np.count_nonzero(member.every())),
+                members=int(np.count_nonzero(member.every())) + settled_members.get(key, 0),
                 entered=self.entered[key],
                 exited=self.exited[key],
             )
@@ -875,6 +913,9 @@ class _Sides:
 
 def diff(snapshot: Snapshot, state: KnownState, *, full: bool = False, samples: int = 20) -> Diff:
     """Compare ``snapshot`` with ``state`` (see the module docstring for the rules)."""
+    settled = snapshot.settled
+    if settled is not None and full:
+        raise ValueError("a full diff needs every snapshot user: read the snapshot whole")
     position, state = _locate(snapshot.base, state, snapshot.id_order)
     sides = _Sides.of(snapshot, state, position)
     known = state.users
@@ -883,7 +924,7 @@ def diff(snapshot: Snapshot, state: KnownState, *, full: bool = False, samples: 
     both = np.flatnonzero(matched)
     # Users in both: the fingerprint filter, then a value-by-value look at the rest.
     candidates = both if full else sides.suspects(both)
-    seen = np.zeros(len(known), dtype=bool)
+    seen = np.zeros(len(known), dtype=bool) if settled is None else settled.seen.copy()
     seen[position[both]] = True
     gone = np.flatnonzero(~seen)
     del seen
@@ -904,6 +945,7 @@ def diff(snapshot: Snapshot, state: KnownState, *, full: bool = False, samples: 
     sides.count_exited(gone[still_held])
 
     size = len(snapshot.base)
+    in_snapshot = size if settled is None else size + settled.count
     kind_of_row = np.full(size, KINDS.index("unchanged"), dtype=np.int8)
     kind_of_row[added_rows] = KINDS.index("added")
     kind_of_row[changed_rows] = KINDS.index("changed")
@@ -930,14 +972,14 @@ def diff(snapshot: Snapshot, state: KnownState, *, full: bool = False, samples: 
     managed = (*snapshot.audience_keys, *snapshot.trait_keys)
     stored_keys = (*state.audience_keys, *state.trait_keys)
     summary = DiffSummary(
-        in_snapshot=size,
+        in_snapshot=in_snapshot,
         invalid=dict(snapshot.invalid_counts),
         added=len(added_rows),
         changed=len(changed_rows),
         exited=exited,
-        unchanged=size + len(gone) - len(added_rows) - len(changed_rows) - exited,
+        unchanged=in_snapshot + len(gone) - len(added_rows) - len(changed_rows) - exited,
         to_send=len(desired),
-        keys=sides.key_stats(),
+        keys=sides.key_stats({} if settled is None else settled.members),
         new_keys=tuple(key for key in managed if key not in stored_keys),
         samples=_samples(
             desired,
