@@ -137,7 +137,11 @@ def _require_source(settings: Settings) -> None:
 
 
 def _load_while_reading(
-    settings: Settings, store: StateStore, load: Callable[[], KnownState]
+    settings: Settings,
+    store: StateStore,
+    load: Callable[[], KnownState],
+    *,
+    settle: bool = False,
 ) -> tuple[KnownState, Snapshot]:
     """The state (``load`` of ``store``) and the snapshot, read at the same time.
 
@@ -147,22 +151,34 @@ def _load_while_reading(
     load and sort take about 2 s, hidden behind a read of 6). The thread runs in
     a copy of this context, so its log lines still name the run. A damaged state is reported
     before any error of the snapshot, as when the state was loaded first.
+
+    ``settle``: the snapshot is read against the state once it is loaded, and keeps values only
+    for the users the state does not vouch for (see :func:`read_snapshot`): not for a diff
+    that must look at every user.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-load") as pool:
         loading = pool.submit(contextvars.copy_context().run, lambda: load().with_id_order())
         try:
-            snapshot = _read_with_keys(settings, store.managed_keys()[0])
+            snapshot = _read_with_keys(
+                settings, store.managed_keys()[0], loading.result if settle else None
+            )
         except BaseException:
             loading.result()
             raise
         return loading.result(), snapshot
 
 
-def _read_with_keys(settings: Settings, known_audiences: tuple[str, ...]) -> Snapshot:
-    """The snapshot, read knowing only the stored audience keys (all it needs of the state)."""
+def _read_with_keys(
+    settings: Settings,
+    known_audiences: tuple[str, ...],
+    against: Callable[[], KnownState] | None = None,
+) -> Snapshot:
+    """The snapshot, read knowing the stored audience keys (and the state, when ``against``)."""
     _require_source(settings)
     assert settings.source is not None  # narrowed by _require_source
-    return read_snapshot(settings.source, settings.keys, known_audiences=known_audiences)
+    return read_snapshot(
+        settings.source, settings.keys, known_audiences=known_audiences, against=against
+    )
 
 
 def client_for(settings: Settings) -> AmberfloClient:
@@ -269,6 +285,7 @@ def _plan(
         settings,
         store,
         (lambda: _partially_known(store)) if options.dry_run else (lambda: _known(store.load())),
+        settle=not options.full,
     )
     result = diff(snapshot, known, full=options.full, samples=settings.report.samples)
     summary = result.summary

@@ -32,13 +32,14 @@ ALLOWED: dict[str, set[str]] = {
     "sync.fingerprint": {"sync.threads"},
     "sync.idorder": set(),
     "sync.diff": BASE | {"sync.fingerprint", "sync.idorder", "sync.threads"},
+    "sync.settle": BASE | {"sync.diff", "sync.fingerprint"},
     "sync.plan": BASE | {"sync.diff"},
     "sync.report": BASE,
     "sync.events": BASE | {"sync.keys"},
     "sync.history": set(),
     # adapters: they do not import each other
     "sync.snapshot": BASE
-    | {"sync.config", "sync.diff", "sync.fingerprint", "sync.keys", "sync.threads"},
+    | {"sync.config", "sync.diff", "sync.fingerprint", "sync.keys", "sync.settle", "sync.threads"},
     "sync.event_input": BASE | {"sync.events", "sync.orjson_safe"},
     "sync.amberflo": BASE | {"sync.orjson_safe"},
     "sync.state": BASE,

@@ -106,6 +106,25 @@ def test_a_typed_parquet_snapshot_syncs_like_the_csv(
     assert held(emulator) == AFTER_1
 
 
+def test_a_parquet_snapshot_is_settled_against_the_state_as_it_is_read(
+    tmp_path: Path, emulator: EmulatorHandle
+) -> None:
+    """The second run of a Parquet snapshot keeps values only for the users the state does not
+    vouch for (u2, unchanged, is settled while the file is read; u3 was never stored) and
+    leaves the customers the CSV runs leave."""
+    job = Job(tmp_path, emulator.url, source={"path": "snapshot.parquet"})
+    job.write_parquet(SNAPSHOT_1)
+    assert job.run().returncode == 0
+    job.write_parquet(SNAPSHOT_2)
+
+    result = job.run()
+
+    assert result.returncode == 0, result.stderr
+    (read,) = events(result.stderr, "snapshot_read")
+    assert (read["users"], read["settled"]) == (5, 1)
+    assert held(emulator) == AFTER_2
+
+
 def test_a_run_converges_under_a_30_percent_fault_rate(
     tmp_path: Path, seeded: EmulatorHandle
 ) -> None:
