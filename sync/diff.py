@@ -48,8 +48,10 @@ Snapshot and state are matched on id fingerprints by sorting and merging ``uint6
 string join). A matched user whose record fingerprint equals its stored ``_hash`` is unchanged
 without looking at a single value; only the others are compared value by value, only their
 stored rows (and the exits') are read from a partial state, and only the traits of users
-compared or sent are rendered as text. Every step is a numpy or Arrow pass over a column, never
-a Python loop over users.
+compared or sent are rendered as text. A snapshot read against the state goes further: the
+users whose fingerprint vouches for them never reach the diff at all, only their count (see
+:class:`Settled`). Every step is a numpy or Arrow pass over a column, never a Python loop over
+users.
 """
 
 from __future__ import annotations

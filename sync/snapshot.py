@@ -24,6 +24,10 @@ duplicates collapse into one. In the long layout a repeat disagrees only when on
 user gets two values, and a row without a key is ``missing_key``. A missing column or a bad
 setting raises ``ConfigError``; an unreadable file raises ``SourceError``; both name the file
 and the fix.
+
+Given the state it will be compared with, :func:`read_snapshot` reads a wide Parquet snapshot
+a part at a time and keeps values only for the users the state does not vouch for (see
+:mod:`sync.settle`): the others are counted, not held.
 """
 
 from __future__ import annotations
@@ -956,8 +960,8 @@ def _read_settling(
 
     Parts are hashed and matched on the pool, a part a thread, while the next decodes; the
     first ones hash while the state may still be loading. At most a few parts, the state's
-    fingerprints and the users kept are held at once: at ten million users 1.3 GB at the peak
-    of a dry run, where the whole snapshot alone is 1.5 GB.
+    fingerprints and the users kept are held at once: a dry run of ten million users peaks at
+    1.5 GiB so, at 2.5 GiB reading the snapshot whole.
     """
     sizes = [pq.ParquetFile(path).metadata.num_rows for path in files]
     origin = _Origin([str(path) for path in files], np.concatenate([[0], np.cumsum(sizes)]))
