@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -173,12 +173,30 @@ def _read_with_keys(
     known_audiences: tuple[str, ...],
     against: Callable[[], KnownState] | None = None,
 ) -> Snapshot:
-    """The snapshot, read knowing the stored audience keys (and the state, when ``against``)."""
+    """The snapshot, read knowing the stored audience keys (and the state, when ``against``),
+    its progress shown as it is read a part at a time."""
     _require_source(settings)
     assert settings.source is not None  # narrowed by _require_source
-    return read_snapshot(
-        settings.source, settings.keys, known_audiences=known_audiences, against=against
-    )
+    with ExitStack() as shown:
+        reporter: ProgressReporter | None = None
+
+        def show(done: int, total: int, invalid: int) -> None:
+            nonlocal reporter
+            if reporter is None:  # the total is known once the files are open
+                reporter = shown.enter_context(
+                    ProgressReporter("reading snapshot", total, failed_as="invalid")
+                )
+            reporter.update(done, invalid)
+            if done >= total:
+                shown.close()  # the bar ends before the read's own log lines
+
+        return read_snapshot(
+            settings.source,
+            settings.keys,
+            known_audiences=known_audiences,
+            against=against,
+            progress=show,
+        )
 
 
 def client_for(settings: Settings) -> AmberfloClient:

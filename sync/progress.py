@@ -27,7 +27,11 @@ log = structlog.get_logger(__name__)
 
 
 class ProgressReporter:
-    """Counts done and failed items of one operation and shows them as it goes."""
+    """Counts done and failed items of one operation and shows them as it goes.
+
+    ``failed_as`` names the items that did not make it, on the bar and in the log lines
+    (``"invalid"`` for the rows of a snapshot read).
+    """
 
     def __init__(
         self,
@@ -36,9 +40,11 @@ class ProgressReporter:
         *,
         stream: TextIO | None = None,
         log_every_seconds: float = 10.0,
+        failed_as: str = "failed",
     ) -> None:
         out = stream or sys.stderr
         self.description = description
+        self.failed_as = failed_as
         self.total = total
         self.done = 0
         self.failed = 0
@@ -52,7 +58,7 @@ class ProgressReporter:
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("{task.fields[failed]} failed"),
+                TextColumn(f"{{task.fields[failed]}} {failed_as}"),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 console=Console(file=out),
@@ -101,7 +107,7 @@ class ProgressReporter:
             "progress",
             operation=self.description,
             done=self.done,
-            failed=self.failed,
             total=self.total,
+            **{self.failed_as: self.failed},
             per_second=round(self.done / elapsed, 1) if elapsed > 0 else None,
         )

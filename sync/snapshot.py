@@ -955,6 +955,7 @@ def _read_settling(
     source: SourceSettings,
     columns: _SettlingColumns,
     against: Callable[[], KnownState],
+    progress: Callable[[int, int, int], None] | None,
 ) -> Snapshot:
     """The snapshot read a part at a time, settled against the state as each part arrives.
 
@@ -966,6 +967,8 @@ def _read_settling(
     sizes = [pq.ParquetFile(path).metadata.num_rows for path in files]
     origin = _Origin([str(path) for path in files], np.concatenate([[0], np.cumsum(sizes)]))
     invalid = _Invalid()
+    if progress is not None:
+        progress(0, int(origin.starts[-1]), 0)
     kept: list[_Users] = []
     kept_rows: list[Ints] = []
     nulls = dict.fromkeys(columns.traits, 0)
@@ -993,6 +996,8 @@ def _read_settling(
             kept_rows.append(start + part.valid[rows])
             start += part.size
             with_id += len(part.valid)
+            if progress is not None:
+                progress(start, int(origin.starts[-1]), len(invalid.ids))
 
         for part in _ahead(_parts(files, columns.read, _part_rows(int(origin.starts[-1])))):
             pending.append(pool.submit(_matched_part, part, source, columns, settler))
@@ -1129,6 +1134,7 @@ def read_snapshot(
     *,
     known_audiences: Collection[str] = (),
     against: Callable[[], KnownState] | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> Snapshot:
     """Read, validate and normalise the snapshot ``source`` describes.
 
@@ -1139,6 +1145,8 @@ def read_snapshot(
     Parquet files are then read a part at a time and matched to it as they arrive: users whose
     stored fingerprint vouches for them are settled (see :mod:`sync.settle`) and only the
     others' values kept. Any other snapshot, or one the state cannot settle, is read whole.
+    ``progress`` is then told, after each part, the rows read, the rows in all and the rows
+    left out so far.
     """
     reader = _LAYOUTS.get(source.layout)
     if reader is None:
@@ -1150,7 +1158,7 @@ def read_snapshot(
         columns = _settling_columns(files, source, key_overrides, known_audiences)
         if columns is not None:
             try:
-                return _read_settling(files, source, columns, against)
+                return _read_settling(files, source, columns, against, progress)
             except UnsettledError as reason:
                 log.info("snapshot_read_whole", reason=str(reason))
     invalid = _Invalid()

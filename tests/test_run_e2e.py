@@ -110,8 +110,8 @@ def test_a_parquet_snapshot_is_settled_against_the_state_as_it_is_read(
     tmp_path: Path, emulator: EmulatorHandle
 ) -> None:
     """The second run of a Parquet snapshot keeps values only for the users the state does not
-    vouch for (u2, unchanged, is settled while the file is read; u3 was never stored) and
-    leaves the customers the CSV runs leave."""
+    vouch for (u2, unchanged, is settled while the file is read; u3 was never stored), logs
+    the read's progress and leaves the customers the CSV runs leave."""
     job = Job(tmp_path, emulator.url, source={"path": "snapshot.parquet"})
     job.write_parquet(SNAPSHOT_1)
     assert job.run().returncode == 0
@@ -122,6 +122,12 @@ def test_a_parquet_snapshot_is_settled_against_the_state_as_it_is_read(
     assert result.returncode == 0, result.stderr
     (read,) = events(result.stderr, "snapshot_read")
     assert (read["users"], read["settled"]) == (5, 1)
+    reading = [
+        line
+        for line in events(result.stderr, "progress")
+        if line["operation"] == "reading snapshot"
+    ]
+    assert (reading[-1]["done"], reading[-1]["total"], reading[-1]["invalid"]) == (5, 5, 0)
     assert held(emulator) == AFTER_2
 
 
