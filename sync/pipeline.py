@@ -297,12 +297,12 @@ def _finish(
 def _plan(
     settings: Settings, options: RunOptions, store: StateStore, entry: dict[str, Any]
 ) -> tuple[KnownState, Snapshot, Diff]:
-    # A dry run commits nothing, so it reads stored values only for the users it looks at;
-    # a real run needs the whole state for its commit.
+    # The plan reads stored values only for the users it looks at; a real run loads the rest
+    # for its commit while it delivers (see _real_run).
     known, snapshot = _load_while_reading(
         settings,
         store,
-        (lambda: _partially_known(store)) if options.dry_run else (lambda: _known(store.load())),
+        lambda: _partially_known(store),
         settle=not options.full,
     )
     result = diff(snapshot, known, full=options.full, samples=settings.report.samples)
@@ -463,10 +463,14 @@ def _real_run(
     failures = store.run_log(run_id, "failures")
     total = result.summary.to_send
     with (
+        # The commit needs every stored row: they load while Amberflo is written to, which
+        # mostly waits on the network (the plan read only the rows it compared).
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-rows") as loader,
         failures,
         client_for(settings) as client,
         ProgressReporter("upserting customers", total) as progress,
     ):
+        stored = loader.submit(contextvars.copy_context().run, known.whole)
         policy = retry_policy_for(settings)
         mode = settings.amberflo.write_mode
         writer = CustomerWriter(
@@ -518,7 +522,10 @@ def _real_run(
     # commit of an initial sync a lookup of a million ids.
     everyone = len(checkpointer.acknowledged) == len(result.desired)
     acknowledged: Iterable[str] = result.desired.index if everyone else checkpointer.acknowledged
-    new_state = apply_acknowledged(known, result, acknowledged)
+    new_state = apply_acknowledged(stored.result(), result, acknowledged)
+    # The stored rows are folded into the new state: let them go before it is written (both
+    # held at once were 0.8 GiB more at the peak of a 10M-user run).
+    del stored, known
     store.commit(_stored(new_state, run_id), run_id)
     delivery = dataclasses.replace(delivery, failure_file=failure_file)
     if delivery.stopped_reason is not None:

@@ -308,3 +308,24 @@ def test_an_empty_trait_column_is_still_named_when_read_a_part_at_a_time(tmp_pat
     assert [entry["column"] for entry in logs if entry["event"] == "snapshot_column_empty"] == [
         "score"
     ]
+
+
+@pytest.mark.usefixtures("small_parts")
+def test_a_lazily_loaded_state_folds_in_like_a_whole_one(tmp_path: Path) -> None:
+    """A run plans against the stored fingerprints alone and loads the stored rows for its
+    commit: the next state is the one folding into the whole state gives, and the store
+    writes and reads it back the same."""
+    store = committed(tmp_path, source(write(tmp_path / "a.parquet", users(120, seed=12))))
+    settings = source(write(tmp_path / "b.parquet", changed(users(120, seed=12), seed=13)))
+    result = diff(
+        read_snapshot(settings, {}, against=lambda: partial_state(store)), partial_state(store)
+    )
+    acknowledged = result.desired.index[::2]  # some of the users sent acknowledged
+
+    lazily = apply_acknowledged(partial_state(store), result, acknowledged)
+    wholly = apply_acknowledged(whole_state(store), result, acknowledged)
+
+    pd.testing.assert_frame_equal(lazily.users, wholly.users)
+    assert result.summary.to_send > len(acknowledged) > 10
+    store.commit(StoredState(lazily.users, lazily.audience_keys, lazily.trait_keys), RUN)
+    pd.testing.assert_frame_equal(whole_state(store).users, wholly.users, check_like=True)
