@@ -521,12 +521,16 @@ def stored_fingerprints(state: KnownState) -> tuple[U64, U64, U64] | None:
     (``_hash``, :data:`~sync.fingerprint.UNKNOWN` where unknown) per stored row, or None when
     a row lacks its id fingerprints."""
     ids = _stored_id_fingerprints(state.users)
-    records = _uint64(state.users, HASH)
     if ids is None:
         return None
-    if records is None:
-        records = np.full(len(state.users), UNKNOWN, dtype=np.uint64)
-    return ids[0], ids[1], records
+    return ids[0], ids[1], _record_hashes(state.users)
+
+
+def _record_hashes(frame: pd.DataFrame) -> U64:
+    """A state frame's record fingerprints, :data:`~sync.fingerprint.UNKNOWN` for all when
+    it has none (rows restored without them)."""
+    stored = _uint64(frame, HASH)
+    return np.full(len(frame), UNKNOWN, dtype=np.uint64) if stored is None else stored
 
 
 def _ids_at(frame: pd.DataFrame, rows: Ints) -> pa.Array:
@@ -742,11 +746,9 @@ class _Sides:
     def of(cls, snapshot: Snapshot, state: KnownState, position: Ints) -> _Sides:
         snap = snapshot.base
         keys = (*snapshot.audience_keys, *snapshot.trait_keys)
-        snap_hash, state_hash = _uint64(snap, HASH), _uint64(state.users, HASH)
+        snap_hash = _uint64(snap, HASH)
         if snap_hash is None:
             raise ValueError("a snapshot's base frame must carry its record fingerprints")
-        if state_hash is None:
-            state_hash = np.full(len(state.users), UNKNOWN, dtype=np.uint64)
         return cls(
             snap=snap,
             known=state.users.iloc[:0],
@@ -755,7 +757,7 @@ class _Sides:
             position=position,
             read_rows=np.zeros(0, dtype=np.intp),
             snap_hash=snap_hash,
-            state_hash=state_hash,
+            state_hash=_record_hashes(state.users),
             members={key: _Members.of(snap, key) for key in snapshot.audience_keys},
             traits=snapshot.traits,
             entered=dict.fromkeys(keys, 0),

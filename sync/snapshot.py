@@ -877,12 +877,14 @@ _PARTS_A_WORKER: Final = 2
 
 @dataclass(frozen=True)
 class _SettlingColumns:
-    """What a wide Parquet snapshot read against the state reads, and each column's key."""
+    """What a wide Parquet snapshot read against the state reads, and each column's key;
+    ``footers`` are its files' Parquet metadata, read once."""
 
     audiences: list[str]
     traits: list[str]
     keys: dict[str, str]
     read: list[str]
+    footers: list[pq.FileMetaData]
 
 
 def _settling_columns(
@@ -902,9 +904,10 @@ def _settling_columns(
     if source.layout != "wide" or any(_format_of(path) != "parquet" for path in files):
         return None
     try:
-        schemas = [pq.read_schema(path) for path in files]
+        footers = [pq.read_metadata(path) for path in files]
     except (pa.ArrowInvalid, OSError):
         return None
+    schemas = [footer.schema.to_arrow_schema() for footer in footers]
     schema = schemas[0]
     if any(not other.equals(schema, check_metadata=False) for other in schemas[1:]):
         return None
@@ -931,7 +934,7 @@ def _settling_columns(
     inferred = source.audiences is None and source.traits is None
     if inferred and any(keys[name] in known_audiences for name in traits):
         return None
-    return _SettlingColumns(audiences, traits, keys, list(dict.fromkeys([*own, *keys])))
+    return _SettlingColumns(audiences, traits, keys, list(dict.fromkeys([*own, *keys])), footers)
 
 
 def _part_rows(total: int) -> int:
@@ -940,12 +943,12 @@ def _part_rows(total: int) -> int:
     return max(1, min(_PART_ROWS, -(-total // (WORKERS * _PARTS_A_WORKER))))
 
 
-def _parts(files: Sequence[Path], columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
-    """Each file's ``columns``, a part at a time (see :func:`_part_rows`)."""
-    for path in files:
+def _parts(files: Sequence[Path], columns: _SettlingColumns, rows: int) -> Iterator[pa.RecordBatch]:
+    """Each file's columns to read, a part at a time (see :func:`_part_rows`)."""
+    for path, footer in zip(files, columns.footers, strict=True):
         try:
-            parquet = pq.ParquetFile(path)
-            yield from parquet.iter_batches(batch_size=rows, columns=columns)
+            parquet = pq.ParquetFile(path, metadata=footer)
+            yield from parquet.iter_batches(batch_size=rows, columns=columns.read)
         except (pa.ArrowInvalid, OSError, EOFError) as exc:
             raise SourceError(f"cannot read {path}: {exc}") from exc
 
@@ -964,11 +967,12 @@ def _read_settling(
     fingerprints and the users kept are held at once: a dry run of ten million users peaks at
     1.5 GiB so, at 2.5 GiB reading the snapshot whole.
     """
-    sizes = [pq.ParquetFile(path).metadata.num_rows for path in files]
+    sizes = [footer.num_rows for footer in columns.footers]
     origin = _Origin([str(path) for path in files], np.concatenate([[0], np.cumsum(sizes)]))
+    total = sum(sizes)
     invalid = _Invalid()
     if progress is not None:
-        progress(0, int(origin.starts[-1]), 0)
+        progress(0, total, 0)
     kept: list[_Users] = []
     kept_rows: list[Ints] = []
     nulls = dict.fromkeys(columns.traits, 0)
@@ -997,9 +1001,9 @@ def _read_settling(
             start += part.size
             with_id += len(part.valid)
             if progress is not None:
-                progress(start, int(origin.starts[-1]), len(invalid.ids))
+                progress(start, total, len(invalid.ids))
 
-        for part in _ahead(_parts(files, columns.read, _part_rows(int(origin.starts[-1])))):
+        for part in _ahead(_parts(files, columns, _part_rows(total))):
             pending.append(pool.submit(_matched_part, part, source, columns, settler))
             if len(pending) >= WORKERS:
                 settle_oldest()
@@ -1011,8 +1015,6 @@ def _read_settling(
         if with_id and count == with_id:
             _warn_empty(name)
     users = _joined(kept)
-    assert users.fingerprints is not None  # every part's are set
-    users.order = order_hashes(users.fingerprints[0])
     rows = _deduplicate(users, origin.subset(np.concatenate(kept_rows)), invalid)
     return _snapshot(users.take(rows), columns.keys, invalid, files, settler.result().settled())
 
@@ -1073,13 +1075,19 @@ def _matched_part(
 
 
 def _joined(parts: Sequence[_Users]) -> _Users:
-    """The users of every part, in order, as one."""
+    """The users of every part, in order, as one, with their id fingerprints (every part's
+    are set: it was matched by them) and those sorted, for the deduplication."""
     first = parts[0]
 
     def text(of: Callable[[_Users], Text]) -> pa.Array:
         return pa.concat_arrays([_flat(of(part)) for part in parts])
 
-    fingerprints = [part.fingerprints for part in parts if part.fingerprints is not None]
+    hashes, checks = [], []
+    for part in parts:
+        assert part.fingerprints is not None
+        hashes.append(part.fingerprints[0])
+        checks.append(part.fingerprints[1])
+    id_hashes = np.concatenate(hashes)
     return _Users(
         ids=text(lambda part: part.ids),
         name=text(lambda part: part.name),
@@ -1091,12 +1099,8 @@ def _joined(parts: Sequence[_Users]) -> _Users:
         traits={
             name: pa.concat_arrays([part.traits[name] for part in parts]) for name in first.traits
         },
-        fingerprints=(
-            np.concatenate([pair[0] for pair in fingerprints]),
-            np.concatenate([pair[1] for pair in fingerprints]),
-        )
-        if len(fingerprints) == len(parts)
-        else None,
+        fingerprints=(id_hashes, np.concatenate(checks)),
+        order=order_hashes(id_hashes),
     )
 
 
